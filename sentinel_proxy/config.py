@@ -1,0 +1,259 @@
+"""Settings: the one place where defaults, ``.env``, the environment and CLI options meet.
+
+The Go prototype's variable names and defaults are a compatibility contract (operators already have
+its ``.env`` files), so every prototype variable keeps its name, default and meaning. Unlike the
+prototype, a bad value is refused with a message that names the setting and the value, instead of
+silently becoming 0.
+
+Precedence, lowest to highest: built-in default, profile default (``--demo``), ``.env`` file in the
+working directory, process environment, ``twistd sentinel-proxy`` option.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a value we refuse to start with; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is named, defaulted, parsed and documented."""
+
+    field: str
+    env: str
+    default: str | None
+    parse: Callable[[str], object]
+    help: str
+
+    @property
+    def option(self) -> str:
+        """CLI option name: the variable in lowercase with dashes, minus the SENTINEL_/PROXY_ prefix."""
+        name = self.env
+        for prefix in ("SENTINEL_", "PROXY_"):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        return name.lower().replace("_", "-")
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        text = raw.strip()
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{raw!r} is below the minimum of {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"{raw!r} is above the maximum of {maximum}")
+        return value
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    level = raw.strip().lower()
+    if level == "warning":
+        level = "warn"
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def parse_backend_url(raw: str) -> str:
+    """Check one backend URL; the URL is kept as written so /health shows what the operator set."""
+    url = raw.strip()
+    if not url.isascii():
+        raise ValueError(f"{raw!r} is not ASCII (write an international host name in punycode)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{raw!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{raw!r} has no host")
+    if port == 0:
+        raise ValueError(f"{raw!r} has port 0")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{raw!r} must not carry a query or fragment")
+    return url
+
+
+def _backends(raw: str) -> tuple[str, ...]:
+    urls = tuple(parse_backend_url(item) for item in raw.split(",") if item.strip())
+    if not urls:
+        raise ValueError("no backend URL given")
+    duplicates = sorted({u for u in urls if urls.count(u) > 1})
+    if duplicates:
+        raise ValueError(f"{duplicates[0]!r} is listed twice")
+    return urls
+
+
+def _endpoint(raw: str) -> str:
+    text = raw.strip()
+    if ":" not in text:
+        raise ValueError(f"{raw!r} is not a Twisted endpoint string such as tcp:8080")
+    return text
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("port", "PROXY_PORT", "8080", _integer(0, 65535), "listen port"),
+    Spec("listen", "PROXY_LISTEN", None, _endpoint,
+         "Twisted endpoint string to listen on (default tcp:$PROXY_PORT)"),
+    Spec("log_level", "LOG_LEVEL", "info", _log_level, "debug, info, warn or error"),
+    Spec("backends", "SENTINEL_BACKENDS", None, _backends,
+         "comma-separated Aztec node URLs (required unless --demo)"),
+    Spec("request_timeout_ms", "REQUEST_TIMEOUT_MS", "30000", _integer(1),
+         "deadline of a proxied request and of each check call, in ms"),
+    Spec("health_check_interval_ms", "HEALTH_CHECK_INTERVAL_MS", "30000", _integer(1),
+         "readiness check interval, in ms"),
+    Spec("integrity_check_interval_ms", "INTEGRITY_CHECK_INTERVAL_MS", "60000", _integer(1),
+         "integrity check interval, in ms"),
+    Spec("integrity_check_epochs", "INTEGRITY_CHECK_EPOCHS", "10", _integer(1),
+         "recent epochs analysed by the integrity check"),
+    Spec("integrity_score_threshold", "INTEGRITY_SCORE_THRESHOLD", "95", _integer(0, 100),
+         "integrity score at or below which a node is 'bad'"),
+    Spec("slots_per_epoch", "SLOTS_PER_EPOCH", "32", _integer(1), "slots per epoch"),
+    Spec("expected_validators", "EXPECTED_VALIDATORS", "24", _integer(1),
+         "committee size per epoch (48 on Aztec 4.x networks)"),
+    Spec("archiver_threshold_epochs", "ARCHIVER_THRESHOLD_EPOCHS", "100", _integer(0),
+         "a node with more epochs of history than this is an 'archiver'"),
+    Spec("max_batch_size", "MAX_BATCH_SIZE", "100", _integer(1),
+         "most calls accepted in one JSON-RPC batch (a real node's limit is 100)"),
+    Spec("max_body_bytes", "MAX_BODY_BYTES", "1048576", _integer(1),
+         "largest request body accepted, in bytes (a real node's limit is 1 MB)"),
+    Spec("upstream_max_connections", "UPSTREAM_MAX_CONNECTIONS", "128", _integer(1),
+         "persistent connections kept per node"),
+    Spec("upstream_idle_timeout_ms", "UPSTREAM_IDLE_TIMEOUT_MS", "4000", _integer(1),
+         "idle pooled connections are closed after this, in ms; keep it below the node's "
+         "keep-alive timeout (5 s on Node.js) so a request never lands on a closing socket"),
+)
+
+SPECS_BY_FIELD = {spec.field: spec for spec in SPECS}
+
+#: ``--demo`` runs a simulated devnet-sized chain (8 slots per epoch, as Aztec devnet; committee 8)
+#: and checks often, so every feature is visible within seconds.
+DEMO_DEFAULTS: Mapping[str, str] = {
+    "SLOTS_PER_EPOCH": "8",
+    "EXPECTED_VALIDATORS": "8",
+    "HEALTH_CHECK_INTERVAL_MS": "2000",
+    "INTEGRITY_CHECK_INTERVAL_MS": "10000",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration; built only by :func:`load_settings`."""
+
+    port: int
+    listen: str
+    log_level: str
+    backends: tuple[str, ...]
+    request_timeout_ms: int
+    health_check_interval_ms: int
+    integrity_check_interval_ms: int
+    integrity_check_epochs: int
+    integrity_score_threshold: int
+    slots_per_epoch: int
+    expected_validators: int
+    archiver_threshold_epochs: int
+    max_batch_size: int
+    max_body_bytes: int
+    upstream_max_connections: int
+    upstream_idle_timeout_ms: int
+    demo: bool = False
+
+    @property
+    def request_timeout(self) -> float:
+        return self.request_timeout_ms / 1000.0
+
+
+def read_dotenv(path: str) -> dict[str, str]:
+    """Parse a ``.env`` file the way godotenv does for the common cases the prototype's users have.
+
+    Supports ``KEY=VALUE``, ``export KEY=VALUE``, comments, blank lines and quoted values. A line
+    that is none of these is an error rather than silently ignored, since a typo there would
+    otherwise start the gateway with a default the operator did not mean.
+    """
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if text.startswith("export "):
+            text = text[len("export "):].lstrip()
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"{path} line {number}: expected KEY=VALUE, got {line.strip()!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def load_settings(
+    cli: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dotenv_path: str | None = ".env",
+    demo: bool = False,
+) -> Settings:
+    """Merge every source and validate each value once.
+
+    ``cli`` maps field names to option values (``None`` when the option was not given).
+    """
+    cli = cli or {}
+    environ = os.environ if environ is None else environ
+    layers: list[tuple[Mapping[str, str], str]] = []
+    if demo:
+        layers.append((DEMO_DEFAULTS, "demo default"))
+    if dotenv_path:
+        layers.append((read_dotenv(dotenv_path), dotenv_path))
+    layers.append((environ, "environment"))
+
+    values: dict[str, object] = {}
+    for spec in SPECS:
+        raw, origin = spec.default, "default"
+        for layer, name in layers:
+            if spec.env in layer:
+                raw, origin = layer[spec.env], name
+        if cli.get(spec.field) is not None:
+            raw, origin = cli[spec.field], "option"
+        if raw is None:
+            values[spec.field] = None
+            continue
+        try:
+            values[spec.field] = spec.parse(raw)
+        except ValueError as exc:
+            where = f"--{spec.option}" if origin == "option" else f"{spec.env} ({origin})"
+            raise ConfigError(f"invalid {where}: {exc}") from None
+
+    if values["backends"] is None:
+        if not demo:
+            raise ConfigError(
+                "SENTINEL_BACKENDS is not set: give the Aztec node URLs, "
+                "e.g. --backends http://node1:8080,http://node2:8080 (or run with --demo)")
+        values["backends"] = ()
+    if values["listen"] is None:
+        values["listen"] = f"tcp:{values['port']}"
+    known = {f.name for f in fields(Settings)}
+    return Settings(demo=demo, **{k: v for k, v in values.items() if k in known})

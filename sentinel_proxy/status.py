@@ -1,0 +1,83 @@
+"""The ``/health`` document: the prototype's JSON shape (names, nesting, types), plus additions.
+
+Operators' scripts parse the prototype's fields, so those never change name or type; anything new
+is an extra key beside them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from .backends import Backend, BackendPool
+
+#: What Go's zero ``time.Time`` marshals to: the prototype's ``lastCheck`` before any check.
+NEVER = "0001-01-01T00:00:00Z"
+
+
+@dataclass(slots=True)
+class RequestTotals:
+    """Gateway-wide request counts shown under ``metrics`` in /health."""
+
+    requests: int = 0
+    errors: int = 0
+
+    def record(self, status: int) -> None:
+        self.requests += 1
+        if status >= 400:
+            self.errors += 1
+
+
+def rfc3339(timestamp: float | None) -> str:
+    if timestamp is None:
+        return NEVER
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def backend_document(backend: Backend) -> dict[str, Any]:
+    verdict = backend.verdict
+    document: dict[str, Any] = {
+        "url": backend.name,
+        "healthy": backend.healthy,
+        "blockNumber": backend.block_number,
+        "lastCheck": rfc3339(backend.last_check),
+        "nodeType": backend.node_type,
+        "integrityStats": {
+            "missingEpochs": list(verdict.missing_epochs) if verdict else [],
+            "inconsistentEpochs": list(verdict.inconsistent_epochs) if verdict else [],
+            "integrityScore": verdict.score if verdict else 0,
+            "integrityStatus": verdict.status if verdict else "",
+            "priority": backend.priority,
+        },
+        "epochStats": {
+            "currentEpoch": verdict.current_epoch if verdict else 0,
+            "totalEpochs": verdict.total_epochs if verdict else 0,
+            "oldestSlot": verdict.oldest_slot if verdict else 0,
+            "lastProcessedSlot": verdict.last_processed_slot if verdict else 0,
+        },
+        "requestStats": {
+            "avgLatency": round(backend.latency.average, 3),
+            "maxLatency": round(backend.latency.maximum, 3),
+            "minLatency": round(backend.latency.minimum, 3),
+            "totalRequests": backend.total_requests,
+            "totalErrors": backend.total_errors,
+        },
+        "lastError": backend.last_error,
+    }
+    if verdict is not None:
+        document["integrity"] = verdict.to_json()
+    return document
+
+
+def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> dict[str, Any]:
+    return {
+        "status": "healthy" if pool.any_healthy else "unhealthy",
+        "uptime": round(uptime, 3),
+        "backends": [backend_document(b) for b in pool.backends],
+        "metrics": {
+            "totalRequests": totals.requests,
+            "totalErrors": totals.errors,
+            "errorRate": round(totals.errors / totals.requests, 6) if totals.requests else 0.0,
+        },
+    }

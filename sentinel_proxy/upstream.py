@@ -1,0 +1,181 @@
+"""The one HTTP client every upstream call goes through: one ``Agent`` over one tuned pool.
+
+Why not treq's ``HTTPClient``: its ``request`` always wraps the agent in a ``ContentDecoderAgent``
+(which adds ``Accept-Encoding: gzip`` to every call and gunzips every answer) and a
+``CookieAgent``. The gateway must pass answers through byte for byte, gzip included, and must not
+pay for decoding and cookie handling on every request, so it drives the pooled ``Agent`` itself.
+The pool is sized for the expected concurrency (the default of 2 per host costs up to 190 µs per
+request, design.md), and bodies are written synchronously by :class:`BytesProducer` rather than a
+``FileBodyProducer``, which waits for a later reactor turn.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, error as neterror
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.internet.protocol import Protocol
+from twisted.web.client import (Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived,
+                                _HTTP11ClientFactory)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from .backends import Backend
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """Writes an in-memory body at once: no cooperator round trip, no copy."""
+
+    __slots__ = ("_body", "length")
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _BodyCollector(Protocol):
+    def __init__(self, finished: defer.Deferred[bytes]):
+        self._finished = finished
+        self._chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self._finished.called:  # cancelled: the caller has moved on
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+
+def read_body(response: IResponse) -> defer.Deferred[bytes]:
+    """Collect a response body; cancelling closes the connection.
+
+    ``twisted.web.client.readBody`` cannot close it here (the body's transport has no
+    ``abortConnection``; it warns on every call instead), so a node stalling mid-body would keep
+    its socket after the deadline. ``stopProducing`` reaches the real transport.
+    """
+    def cancel(_: defer.Deferred[bytes]) -> None:
+        if collector.transport is not None:
+            collector.transport.stopProducing()
+
+    finished: defer.Deferred[bytes] = defer.Deferred(cancel)
+    collector = _BodyCollector(finished)
+    response.deliverBody(collector)
+    return finished
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """One factory per pooled connection: without this, each logs "Starting/Stopping factory"."""
+
+    noisy = False
+
+
+class UpstreamError(Exception):
+    """The node could not give an answer: ``kind`` is "timeout", "connect" or "transport"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class RpcCallError(Exception):
+    """A check call got an answer that is not a usable JSON-RPC result."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    code: int
+    headers: Headers
+    body: bytes
+
+
+def _timed_out(result: Any, timeout: float) -> Failure:
+    return Failure(UpstreamError("timeout", f"no answer within {timeout:g} s"))
+
+
+_CONNECT_ERRORS = (neterror.ConnectError, neterror.DNSLookupError)
+_TRANSPORT_ERRORS = (ResponseFailed, ResponseNeverReceived, neterror.ConnectionLost,
+                     neterror.ConnectionDone, neterror.ConnectionClosed)
+
+
+class UpstreamClient:
+    def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
+                 agent: IAgent | None = None):
+        self._reactor = reactor
+        self._pool: HTTPConnectionPool | None = None
+        if agent is None:
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = max_connections
+            self._pool.cachedConnectionTimeout = idle_timeout
+            self._pool.retryAutomatically = False
+            self._pool._factory = _QuietClientFactory
+            agent = Agent(reactor, pool=self._pool)
+        self._agent = agent
+
+    async def _post(self, backend: Backend, body: bytes, headers: Headers) -> UpstreamResponse:
+        if backend.authorization is not None:
+            headers.setRawHeaders(b"authorization", [backend.authorization])
+        response = await self._agent.request(b"POST", backend.target, headers, BytesProducer(body))
+        content = await read_body(response)
+        return UpstreamResponse(response.code, response.headers, content)
+
+    async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float) -> UpstreamResponse:
+        """POST ``body`` to the node; the whole exchange, body included, is bounded by ``timeout``."""
+        attempt = defer.Deferred.fromCoroutine(self._post(backend, body, headers))
+        # Cancelling surfaces as whatever the agent wraps it in (ResponseNeverReceived, ...), so the
+        # timeout's own hook, not the exception type, says that the deadline passed.
+        attempt.addTimeout(timeout, self._reactor, onTimeoutCancel=_timed_out)
+        try:
+            return await attempt
+        except _CONNECT_ERRORS as exc:
+            raise UpstreamError("connect", f"cannot connect: {exc.__class__.__name__}") from None
+        except _TRANSPORT_ERRORS as exc:
+            raise UpstreamError("transport", f"connection failed: {exc.__class__.__name__}") from None
+
+    async def call(self, backend: Backend, method: str, params: list[Any], timeout: float) -> Any:
+        """One JSON-RPC call for the checks; returns its ``result`` or raises with the reason."""
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+        headers = Headers({b"content-type": [b"application/json"], b"accept-encoding": [b"identity"]})
+        response = await self.post(backend, body, headers, timeout)
+        if response.code != 200:
+            raise RpcCallError(f"{method}: HTTP {response.code}")
+        try:
+            document = json.loads(response.body)
+        except (ValueError, RecursionError):
+            raise RpcCallError(f"{method}: answer is not JSON") from None
+        if not isinstance(document, dict):
+            raise RpcCallError(f"{method}: answer is not a JSON-RPC object")
+        if "error" in document:
+            raise RpcCallError(f"{method}: error {document['error']!r:.200}")
+        if "result" not in document:
+            raise RpcCallError(f"{method}: no result")
+        return document["result"]
+
+    def close(self) -> defer.Deferred[None]:
+        """Drop pooled connections, so shutdown leaves no sockets behind."""
+        if self._pool is None:
+            return defer.succeed(None)
+        return self._pool.closeCachedConnections()
+

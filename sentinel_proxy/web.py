@@ -1,0 +1,130 @@
+"""The Klein app: routes only. Work is handed to the forwarder and the status document.
+
+The ``Site`` here turns off what costs time on every request without serving the gateway:
+form parsing of POST bodies and twisted.web's access log (design.md). Request bodies are bounded
+while they arrive, so an oversized body is never held in memory.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request, Site
+
+from .backends import BackendPool
+from .forwarder import Forwarder, Reply
+from .metrics import Metrics
+from .status import health_document
+
+_CORS_PREFLIGHT = (
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"POST, OPTIONS"),
+    (b"access-control-allow-headers", b"content-type, content-encoding, accept-encoding, x-request-id"),
+    (b"access-control-max-age", b"86400"),
+)
+
+
+class BoundedRequest(Request):
+    """Stops buffering a body once it passes ``max_body`` bytes and remembers that it did."""
+
+    max_body = 1 << 20
+    body_too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        if self.content.tell() + len(data) > self.max_body:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class GatewaySite(Site):
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        """No twisted.web access log: it costs ~90 µs per request; requests are counted in metrics."""
+
+
+def make_site(resource: Any, max_body_bytes: int) -> GatewaySite:
+    request_factory = type("GatewayRequest", (BoundedRequest,), {"max_body": max_body_bytes})
+    return GatewaySite(resource, requestFactory=request_factory, parsePOSTFormSubmission=False)
+
+
+class GatewayApp:
+    app = Klein()
+
+    def __init__(self, forwarder: Forwarder, pool: BackendPool, metrics: Metrics, clock: IReactorTime):
+        self._forwarder = forwarder
+        self._pool = pool
+        self._metrics = metrics
+        self._clock = clock
+        self._started = clock.seconds()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @staticmethod
+    def _write(request: Request, reply: Reply) -> bytes:
+        request.setResponseCode(reply.status)
+        headers = request.responseHeaders
+        for name, value in reply.headers:
+            headers.addRawHeader(name, value)
+        return reply.body
+
+    async def _proxy(self, request: Request, route: str) -> bytes:
+        reply = await self._forwarder.handle(route, request.content.read(), request.requestHeaders,
+                                             getattr(request, "body_too_large", False))
+        return self._write(request, reply)
+
+    @app.route("/", methods=["POST"])
+    def rpc_any(self, request: Request) -> Any:
+        return self._proxy(request, "/")
+
+    @app.route("/archiver", methods=["POST"])
+    def rpc_archiver(self, request: Request) -> Any:
+        return self._proxy(request, "/archiver")
+
+    @app.route("/pruned", methods=["POST"])
+    def rpc_pruned(self, request: Request) -> Any:
+        return self._proxy(request, "/pruned")
+
+    @app.route("/", methods=["OPTIONS"])
+    @app.route("/archiver", methods=["OPTIONS"])
+    @app.route("/pruned", methods=["OPTIONS"])
+    def preflight(self, request: Request) -> bytes:
+        """Browser wallets call nodes cross-origin; the nodes allow it (CORS ``*``), so do we."""
+        request.setResponseCode(204)
+        for name, value in _CORS_PREFLIGHT:
+            request.responseHeaders.addRawHeader(name, value)
+        return b""
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: Request) -> bytes:
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        document = health_document(self._pool, self._forwarder.totals, self._clock.seconds() - self._started)
+        return json.dumps(document).encode()
+
+    @app.route("/ready", methods=["GET"])
+    def ready(self, request: Request) -> bytes:
+        """Ready only with a healthy node, so a load balancer in front of several gateways can act."""
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        if self._pool.any_healthy:
+            return b"READY"
+        request.setResponseCode(503)
+        return b"NOT READY: no healthy backend"
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Request) -> bytes:
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; version=0.0.4; charset=utf-8"])
+        return self._metrics.render()

@@ -1,0 +1,105 @@
+"""Settings: prototype names and defaults, precedence, and refusals that name the bad value."""
+import pytest
+
+from sentinel_proxy.config import SPECS, ConfigError, load_settings, read_dotenv
+
+BACKENDS = {"SENTINEL_BACKENDS": "http://a:8080,http://b:8080"}
+
+
+def load(cli=None, env=None, dotenv=None, demo=False):
+    return load_settings(cli=cli or {}, environ={**BACKENDS, **(env or {})}, dotenv_path=dotenv, demo=demo)
+
+
+def test_prototype_defaults():
+    s = load()
+    assert (s.port, s.log_level, s.request_timeout_ms, s.health_check_interval_ms) == (8080, "info", 30000, 30000)
+    assert (s.integrity_check_interval_ms, s.integrity_check_epochs, s.integrity_score_threshold) == (60000, 10, 95)
+    assert (s.slots_per_epoch, s.expected_validators, s.archiver_threshold_epochs) == (32, 24, 100)
+    assert s.backends == ("http://a:8080", "http://b:8080")
+    assert s.listen == "tcp:8080"
+    assert (s.max_batch_size, s.max_body_bytes) == (100, 1048576)
+
+
+def test_option_names_follow_the_variables():
+    options = {spec.env: spec.option for spec in SPECS}
+    assert options["SENTINEL_BACKENDS"] == "backends"
+    assert options["PROXY_PORT"] == "port"
+    assert options["LOG_LEVEL"] == "log-level"
+    assert options["REQUEST_TIMEOUT_MS"] == "request-timeout-ms"
+    assert options["HEALTH_CHECK_INTERVAL_MS"] == "health-check-interval-ms"
+    assert options["PROXY_LISTEN"] == "listen"
+
+
+def test_precedence_option_over_environment_over_dotenv(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PROXY_PORT=7000\nLOG_LEVEL=debug\nREQUEST_TIMEOUT_MS=5\n")
+    s = load(cli={"port": "9000"}, env={"PROXY_PORT": "8000", "LOG_LEVEL": "warn"}, dotenv=str(dotenv))
+    assert (s.port, s.log_level, s.request_timeout_ms) == (9000, "warn", 5)
+    assert s.listen == "tcp:9000"
+
+
+def test_listen_endpoint_wins_over_port():
+    assert load(cli={"listen": "tcp:0:interface=127.0.0.1", "port": "1"}).listen == "tcp:0:interface=127.0.0.1"
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"REQUEST_TIMEOUT_MS": "abc"}, "REQUEST_TIMEOUT_MS (environment): 'abc' is not a whole number"),
+    ({"HEALTH_CHECK_INTERVAL_MS": "-5"}, "HEALTH_CHECK_INTERVAL_MS (environment): '-5' is below the minimum"),
+    ({"PROXY_PORT": "70000"}, "PROXY_PORT (environment): '70000' is above the maximum"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL (environment): 'loud' is not one of"),
+    ({"SENTINEL_BACKENDS": "ftp://x"}, "SENTINEL_BACKENDS (environment): 'ftp://x' is not an http"),
+    ({"SENTINEL_BACKENDS": "http://:80"}, "has no host"),
+    ({"SENTINEL_BACKENDS": "http://a:notaport"}, "is not a valid URL"),
+    ({"SENTINEL_BACKENDS": "http://a:1,http://a:1"}, "is listed twice"),
+    ({"SENTINEL_BACKENDS": " , "}, "no backend URL given"),
+    ({"INTEGRITY_SCORE_THRESHOLD": "101"}, "INTEGRITY_SCORE_THRESHOLD"),
+])
+def test_bad_values_are_refused_with_name_and_value(env, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load(env=env)
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_bad_option_names_the_option():
+    with pytest.raises(ConfigError, match=r"--request-timeout-ms: 'x'"):
+        load(cli={"request_timeout_ms": "x"})
+
+
+def test_missing_backends_is_refused():
+    with pytest.raises(ConfigError, match="SENTINEL_BACKENDS is not set"):
+        load_settings(cli={}, environ={}, dotenv_path=None)
+
+
+def test_demo_needs_no_backends_and_uses_a_devnet_chain():
+    s = load_settings(cli={}, environ={}, dotenv_path=None, demo=True)
+    assert s.backends == () and s.demo
+    assert (s.slots_per_epoch, s.expected_validators) == (8, 8)
+    assert load_settings(cli={"slots_per_epoch": "32"}, environ={}, dotenv_path=None, demo=True).slots_per_epoch == 32
+
+
+def test_dotenv_syntax(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text('# comment\n\nexport A=1\nB="two words"\nC=\'x\'\nD=plain # trailing\n')
+    assert read_dotenv(str(path)) == {"A": "1", "B": "two words", "C": "x", "D": "plain"}
+    assert read_dotenv(str(tmp_path / "absent")) == {}
+
+
+def test_dotenv_garbage_line_is_refused(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text("A=1\nthis is not a setting\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        read_dotenv(str(path))
+
+
+def test_every_setting_is_documented():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    reference = (root / "docs" / "configuration.md").read_text()
+    readme = (root / "README.md").read_text()
+    for spec in SPECS:
+        for text in (reference, readme):
+            assert f"`{spec.env}`" in text and f"`--{spec.option}`" in text, spec.env
+            if spec.default is not None:
+                assert f"`{spec.default}`" in text, spec.env

@@ -1,0 +1,42 @@
+"""The prototype's priority formula and weighted choice."""
+from collections import Counter
+import random
+
+import pytest
+
+from sentinel_proxy import scoring
+
+
+@pytest.mark.parametrize("missing, inconsistent, latency, healthy, expected", [
+    (0, 0, 50, True, 130),
+    (0, 0, 100, True, 125),
+    (0, 0, 499.9, True, 125),
+    (0, 0, 500, True, 120),
+    (2, 3, 50, False, 100 - 20 - 15 + 10),
+    (0, 0, 1000, False, 100),
+])
+def test_priority(missing, inconsistent, latency, healthy, expected):
+    assert scoring.priority(missing, inconsistent, latency, healthy) == expected
+
+
+def test_weights_match_the_prototype_example():
+    assert scoring.weights([100, 120, 80]) == [30, 50, 10]
+    assert scoring.weights([]) == []
+    assert scoring.weights([5]) == [10]
+
+
+def test_weighted_choice_boundaries():
+    items = ["a", "b", "c"]
+    assert scoring.weighted_choice(items, [30, 50, 10], lambda: 0.0) == "a"
+    assert scoring.weighted_choice(items, [30, 50, 10], lambda: 30 / 90) == "b"
+    assert scoring.weighted_choice(items, [30, 50, 10], lambda: 0.999999) == "c"
+    with pytest.raises(ValueError):
+        scoring.weighted_choice([], [], lambda: 0.5)
+
+
+def test_weighted_choice_distribution():
+    rng = random.Random(7)
+    counts = Counter(scoring.weighted_choice(["a", "b", "c"], [30, 50, 10], rng.random) for _ in range(9000))
+    assert abs(counts["a"] / 9000 - 1 / 3) < 0.03
+    assert abs(counts["b"] / 9000 - 5 / 9) < 0.03
+    assert abs(counts["c"] / 9000 - 1 / 9) < 0.03
