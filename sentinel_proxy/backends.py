@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from twisted.logger import Logger
+
 from . import scoring
+from .logs import observer
 
 if TYPE_CHECKING:
     from .integrity import IntegrityVerdict
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 ROUTES: dict[str, str] = {"/": "", "/archiver": "archiver", "/pruned": "pruned"}
 
 LATENCY_WINDOW = 100
+
+log = Logger(observer=observer)
 
 
 class LatencyWindow:
@@ -79,6 +84,11 @@ def _target(url: str) -> tuple[bytes, bytes | None]:
     return target, auth
 
 
+#: Integrity statuses whose nodes get traffic first; the others ("bad", "unverified", not yet
+#: checked) only when no node with one of these is eligible on the route.
+TRUSTED_STATUSES = frozenset({"perfect", "good"})
+
+
 @dataclass(eq=False)
 class Backend:
     url: str
@@ -91,6 +101,13 @@ class Backend:
     last_error: str | None = None
     node_type: str = ""
     verdict: IntegrityVerdict | None = None
+    #: (l1ChainId, rollupVersion) as the node reports them; None until known.
+    chain: tuple[str, str] | None = None
+    #: ``oldestHistoricBlockNumber``: the oldest block whose state the node still serves.
+    oldest_block: int | None = None
+    lag: int = 0
+    #: Why the node gets no traffic although it is healthy: reason kind -> explanation.
+    quarantine: dict[str, str] = field(default_factory=dict)
     latency: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
     total_requests: int = 0
     total_errors: int = 0
@@ -105,45 +122,108 @@ class Backend:
         missing = len(self.verdict.missing_epochs) if self.verdict else 0
         inconsistent = len(self.verdict.inconsistent_epochs) if self.verdict else 0
         self.priority = scoring.priority(missing, inconsistent, self.latency.average, self.healthy)
+        self.node_type = scoring.node_type(self.oldest_block, self.verdict.node_type if self.verdict else "")
 
     @property
     def checked_down(self) -> bool:
         """Known to be down: checked at least once and failed (not merely unchecked)."""
         return self.last_check is not None and not self.healthy
 
+    @property
+    def eligible(self) -> bool:
+        return self.healthy and not self.quarantine
+
+    @property
+    def trusted(self) -> bool:
+        return self.verdict is not None and self.verdict.status in TRUSTED_STATUSES
+
+    @property
+    def routing(self) -> str:
+        """How the request path treats the node, for /health."""
+        if not self.healthy:
+            return "down"
+        if self.quarantine:
+            return "quarantined"
+        return "preferred" if self.trusted else "fallback"
+
+    def keeps(self, block: int | None) -> bool:
+        """Whether the node can answer about ``block`` (unknown depth counts as yes)."""
+        return block is None or self.oldest_block is None or self.oldest_block <= block
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    backend: Backend | None
+    #: Why a less trusted node was chosen ("integrity"), or None for a preferred one.
+    fallback: str | None = None
+
 
 class BackendPool:
     """All backends, with selection per route; mutated only by checks and request outcomes."""
 
-    def __init__(self, urls: Iterable[str], random: Callable[[], float] = _random.random):
+    def __init__(self, urls: Iterable[str], random: Callable[[], float] = _random.random,
+                 max_block_lag: int = 10):
         self._random = random
+        self._max_lag = max_block_lag
         self.backends: tuple[Backend, ...] = tuple(Backend(url) for url in urls)
+        self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
+        self._falling_back: set[str] = set()
+        self._rebuild()
 
     def replace(self, urls: Iterable[str]) -> None:
         """Set the backend list, keeping the state of nodes that stay."""
         current = {b.url: b for b in self.backends}
         self.backends = tuple(current.get(url) or Backend(url) for url in urls)
+        self.reassess()
+
+    def _rebuild(self) -> None:
+        """Precompute each route's preferred and fallback candidates, so picking stays cheap."""
+        for route, wanted in ROUTES.items():
+            eligible = [b for b in self.backends if b.eligible and (not wanted or b.node_type == wanted)]
+            preferred = [b for b in eligible if b.trusted]
+            fallback = [b for b in eligible if not b.trusted]
+            self._tiers[route] = (preferred, fallback)
+            checked = any(b.verdict is not None for b in fallback)  # not merely starting up
+            if not preferred and fallback and checked and route not in self._falling_back:
+                self._falling_back.add(route)
+                log.warn("no node with a good integrity verdict on {route}: serving from {nodes} as a fallback",
+                         route=route, nodes=", ".join(f"{b.name} ({b.verdict.status if b.verdict else 'unchecked'})"
+                                                      for b in fallback))
+            elif preferred and route in self._falling_back:
+                self._falling_back.discard(route)
+                log.info("nodes with a good integrity verdict are back on {route}", route=route)
 
     def candidates(self, route: str) -> list[Backend]:
-        wanted = ROUTES[route]
-        return [b for b in self.backends if b.healthy and (not wanted or b.node_type == wanted)]
+        preferred, fallback = self._tiers[route]
+        return preferred or fallback
 
-    def pick(self, route: str) -> Backend | None:
-        """The prototype's weighted random choice among the route's healthy candidates."""
-        candidates = self.candidates(route)
-        if not candidates:
+    def pick(self, route: str, block: int | None = None) -> Pick:
+        """The prototype's weighted random choice, among trusted nodes first, that keep ``block``."""
+        for tier, reason in zip(self._tiers[route], (None, "integrity")):
+            candidates = tier if block is None else [b for b in tier if b.keeps(block)]
+            if candidates:
+                if len(candidates) == 1:
+                    return Pick(candidates[0], reason)
+                chosen = scoring.weighted_choice(
+                    candidates, scoring.weights([b.priority for b in candidates]), self._random)
+                return Pick(chosen, reason)
+        return Pick(None)
+
+    def history_floor(self, route: str) -> int | None:
+        """The oldest block some eligible node of the route keeps (0 when one keeps all or does not say)."""
+        preferred, fallback = self._tiers[route]
+        nodes = preferred + fallback
+        if not nodes:
             return None
-        if len(candidates) == 1:
-            return candidates[0]
-        return scoring.weighted_choice(
-            candidates, scoring.weights([b.priority for b in candidates]), self._random)
+        return min(0 if b.oldest_block is None else b.oldest_block for b in nodes)
 
     @property
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self.backends)
 
     def record_health(self, backend: Backend, healthy: bool, now: float, block_number: int | None = None,
-                      latency_ms: float | None = None, error: str | None = None) -> None:
+                      latency_ms: float | None = None, error: str | None = None,
+                      chain: tuple[str, str] | None = None, oldest_block: int | None = None) -> None:
         backend.healthy = healthy
         backend.last_check = now
         backend.last_error = error
@@ -151,12 +231,38 @@ class BackendPool:
             backend.block_number = block_number
         if latency_ms is not None:
             backend.latency.add(latency_ms)
+        if chain is not None:
+            backend.chain = chain
+        if oldest_block is not None:
+            backend.oldest_block = oldest_block
         backend.rescore()
+        self._rebuild()
 
     def record_integrity(self, backend: Backend, verdict: IntegrityVerdict) -> None:
         backend.verdict = verdict
-        backend.node_type = verdict.node_type
         backend.rescore()
+        self._rebuild()
+
+    def reassess(self) -> None:
+        """Quarantine nodes on another chain than the majority, then nodes lagging the best block.
+
+        Chain first: a node on another rollup may be far ahead, and must not set the bar for lag.
+        """
+        healthy = [b for b in self.backends if b.healthy]
+        chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
+        for backend in self.backends:
+            backend.quarantine.clear()
+            if chain is not None and backend.chain is not None and backend.chain != chain:
+                backend.quarantine["chain"] = (f"l1ChainId {backend.chain[0]}, rollupVersion {backend.chain[1]} "
+                                               f"differ from the majority's {chain[0]}, {chain[1]}")
+        same_chain = [b for b in healthy if "chain" not in b.quarantine]
+        best = max((b.block_number for b in same_chain), default=0)
+        for backend in self.backends:
+            backend.lag = max(0, best - backend.block_number) if backend.healthy else 0
+            reason = scoring.lag_reason(backend.block_number, best, self._max_lag) if backend.healthy else None
+            if reason is not None:
+                backend.quarantine["lag"] = reason
+        self._rebuild()
 
     @staticmethod
     def record_request(backend: Backend, ok: bool) -> None:

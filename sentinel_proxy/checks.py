@@ -6,17 +6,25 @@ gateway whose checks silently stopped keeps routing on stale state.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 
 from .backends import Backend, BackendPool
-from .integrity import IntegrityInputError, IntegrityParams, analyse
+from .integrity import IntegrityInputError, IntegrityParams, IntegrityVerdict, analyse
 from .logs import observer
-from .upstream import RpcCallError, UpstreamClient, UpstreamError
+from .upstream import (
+    RpcCallError,
+    UpstreamClient,
+    UpstreamError,
+    parse_json,
+    request_body,
+    result_of,
+)
 
 log = Logger(observer=observer)
 
@@ -75,18 +83,53 @@ class PeriodicCheck(TimerService):
         return super().stopService()
 
 
+def chain_of(info: Any, headers: Headers) -> tuple[str, str] | None:
+    """(l1ChainId, rollupVersion) from node_getNodeInfo, else from the ``x-aztec-*`` headers."""
+    if isinstance(info, dict) and info.get("l1ChainId") is not None and info.get("rollupVersion") is not None:
+        return str(info["l1ChainId"]), str(info["rollupVersion"])
+    chain_id = headers.getRawHeaders(b"x-aztec-l1chainid")
+    version = headers.getRawHeaders(b"x-aztec-rollupversion")
+    if chain_id and version:
+        return chain_id[0].decode("latin-1"), version[0].decode("latin-1")
+    return None
+
+
+def oldest_block_of(sync_status: Any) -> int | None:
+    """``oldestHistoricBlockNumber`` from node_getWorldStateSyncStatus, when the node offers it."""
+    if not isinstance(sync_status, dict):
+        return None
+    oldest = sync_status.get("oldestHistoricBlockNumber")
+    if isinstance(oldest, int) and not isinstance(oldest, bool) and oldest >= 0:
+        return oldest
+    return None
+
+
+#: One batch per node and round: readiness and tip decide health (the prototype's check); chain
+#: identity and world-state depth are read in the same round trip, and may be missing on old nodes.
+HEALTH_CALLS: tuple[tuple[str, list[Any]], ...] = (
+    ("node_isReady", []), ("node_getBlockNumber", []), ("node_getNodeInfo", []),
+    ("node_getWorldStateSyncStatus", []),
+)
+
+
 class HealthService(PeriodicCheck):
-    """The prototype's readiness check: node_isReady, then node_getBlockNumber."""
+    """Readiness and tip of every node; after each round, lag and chain quarantines are reassessed."""
 
     name_of_check = "health check"
+
+    def run_once(self) -> defer.Deferred[Any]:
+        return super().run_once().addCallback(lambda _: self._pool.reassess())
 
     async def check(self, backend: Backend) -> None:
         started = self.clock.seconds()
         try:
-            ready = await self._upstream.call(backend, "node_isReady", [], self._timeout)
+            (ready, block, info, sync_status), headers = await self._upstream.batch(
+                backend, HEALTH_CALLS, self._timeout)
             if ready is not True:
-                raise RpcCallError(f"node_isReady answered {ready!r:.40}")
-            block = block_number_of(await self._upstream.call(backend, "node_getBlockNumber", [], self._timeout))
+                raise ready if isinstance(ready, RpcCallError) else RpcCallError(f"node_isReady answered {ready!r:.40}")
+            if isinstance(block, RpcCallError):
+                raise block
+            block = block_number_of(block)
         except CHECK_ERRORS as exc:
             if backend.healthy or backend.last_check is None:
                 log.warn("backend {backend} is unhealthy: {reason}", backend=backend.name, reason=str(exc))
@@ -95,7 +138,21 @@ class HealthService(PeriodicCheck):
         now = self.clock.seconds()
         if not backend.healthy:
             log.info("backend {backend} is healthy at block {block}", backend=backend.name, block=block)
-        self._pool.record_health(backend, True, now, block_number=block, latency_ms=(now - started) * 1000.0)
+        self._pool.record_health(backend, True, now, block_number=block, latency_ms=(now - started) * 1000.0,
+                                 chain=chain_of(info, headers), oldest_block=oldest_block_of(sync_status))
+
+
+def judge(body: bytes, params: IntegrityParams) -> IntegrityVerdict:
+    """Parse and analyse a node_getValidatorsStats answer (~2 MB on 4.x): run off the reactor thread."""
+    return analyse(result_of(STATS_METHOD, parse_json(STATS_METHOD, body)), params)
+
+
+STATS_METHOD = "node_getValidatorsStats"
+Runner = Callable[..., "defer.Deferred[Any]"]
+
+
+def run_inline(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(function, *args)
 
 
 class IntegrityService(PeriodicCheck):
@@ -104,9 +161,10 @@ class IntegrityService(PeriodicCheck):
     name_of_check = "integrity check"
 
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, interval: float, timeout: float,
-                 clock: IReactorTime, params: IntegrityParams):
+                 clock: IReactorTime, params: IntegrityParams, runner: Runner = run_inline):
         super().__init__(pool, upstream, interval, timeout, clock)
         self._params = params
+        self._runner = runner
 
     def targets(self) -> Iterable[Backend]:
         # Unchecked backends are included so the first round, which runs together with the first
@@ -115,8 +173,8 @@ class IntegrityService(PeriodicCheck):
 
     async def check(self, backend: Backend) -> None:
         try:
-            stats = await self._upstream.call(backend, "node_getValidatorsStats", [], self._timeout)
-            verdict = analyse(stats, self._params)
+            response = await self._upstream.fetch(backend, request_body(STATS_METHOD, []), self._timeout)
+            verdict = await self._runner(judge, response.body, self._params)
         except CHECK_ERRORS as exc:
             log.warn("integrity check of {backend} failed: {reason}", backend=backend.name, reason=str(exc))
             return
@@ -125,5 +183,4 @@ class IntegrityService(PeriodicCheck):
         if verdict.status != previous:
             log.info("backend {backend} integrity {status} (score {score}, type {node_type})",
                      backend=backend.name, status=verdict.status, score=verdict.score,
-                     node_type=verdict.node_type or "unknown")
-
+                     node_type=backend.node_type or "unknown")

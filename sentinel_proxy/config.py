@@ -127,6 +127,8 @@ SPECS: tuple[Spec, ...] = (
          "committee size per epoch (48 on Aztec 4.x networks)"),
     Spec("archiver_threshold_epochs", "ARCHIVER_THRESHOLD_EPOCHS", "100", _integer(0),
          "a node with more epochs of history than this is an 'archiver'"),
+    Spec("max_block_lag", "MAX_BLOCK_LAG", "10", _integer(0),
+         "a node more blocks than this behind the best healthy node gets no traffic until it catches up"),
     Spec("max_batch_size", "MAX_BATCH_SIZE", "100", _integer(1),
          "most calls accepted in one JSON-RPC batch (a real node's limit is 100)"),
     Spec("max_body_bytes", "MAX_BODY_BYTES", "1048576", _integer(1),
@@ -166,6 +168,7 @@ class Settings:
     slots_per_epoch: int
     expected_validators: int
     archiver_threshold_epochs: int
+    max_block_lag: int
     max_batch_size: int
     max_body_bytes: int
     upstream_max_connections: int

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from . import jsonrpc
+from . import jsonrpc, routing
 from .backends import Backend, BackendPool
 from .logs import observer
 from .metrics import NO_BACKEND, Metrics
@@ -118,12 +118,14 @@ class Forwarder:
         content_encoding = headers.getRawHeaders(b"content-encoding", [None])[0]
         try:
             parsed = jsonrpc.parse_request(decode_body(body, content_encoding, self._max_body), self._max_batch)
+            parsed = self._refuse_unavailable(route, parsed)
         except jsonrpc.RequestError as refusal:
             return Reply(refusal.http_status, refusal.body())
         if not parsed.calls:
             return Reply(200, jsonrpc.encode(jsonrpc.merge_batch(parsed, [])))
 
-        backend = self._pool.pick(route)
+        pick = self._pool.pick(route, routing.oldest_needed(parsed.calls))
+        backend = pick.backend
         if backend is None:
             return error_reply(503, jsonrpc.NO_BACKEND, f"No healthy node available for {route}")
 
@@ -159,7 +161,27 @@ class Forwarder:
                                    "Upstream node answered a batch with the wrong shape", backend)
         reply_headers = [(name, value) for name, values in answer.headers.getAllRawHeaders()
                          if name.lower() not in _DROP_RESPONSE_HEADERS for value in values]
+        if pick.fallback is not None:
+            reply_headers.append((b"x-sentinel-fallback", pick.fallback.encode()))
         return Reply(answer.code, reply_body, reply_headers, backend)
+
+    def _refuse_unavailable(self, route: str, parsed: jsonrpc.ParsedRequest) -> jsonrpc.ParsedRequest:
+        """Answer calls about blocks no eligible node keeps with a clear error, not a node's failure."""
+        floor = self._pool.history_floor(route)
+        if not floor:
+            return parsed
+        late: dict[int, dict] = {}
+        for call in parsed.calls:
+            block = routing.block_needed(call)
+            if block is not None and block < floor:
+                late[call.position] = routing.unavailable_error(call, block, floor)
+        if not late:
+            return parsed
+        if not parsed.is_batch:
+            error = late[0]
+            raise jsonrpc.RequestError(jsonrpc.BLOCK_UNAVAILABLE, error["error"]["message"], error["id"])
+        return jsonrpc.ParsedRequest(True, tuple(c for c in parsed.calls if c.position not in late),
+                                     {**parsed.refused, **late})
 
     @staticmethod
     def _merge(parsed: jsonrpc.ParsedRequest, upstream_body: bytes) -> bytes | None:

@@ -19,6 +19,9 @@ NO_BACKEND = -32001
 UPSTREAM_FAILED = -32002
 #: Gateway-defined: the node did not answer within the deadline (HTTP 502).
 UPSTREAM_TIMEOUT = -32003
+#: Gateway-defined: the call reads at a block no healthy node keeps any more (HTTP 400, like a
+#: node's own failure, so that clients do not retry it as an outage).
+BLOCK_UNAVAILABLE = -32004
 
 ALLOWED_PREFIXES = ("node_", "p2p_")
 

@@ -5,9 +5,11 @@ example without any state.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections import Counter
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
+H = TypeVar("H", bound=Hashable)
 
 
 def priority(missing_epochs: int, inconsistent_epochs: int, avg_latency_ms: float, healthy: bool) -> int:
@@ -42,3 +44,37 @@ def weighted_choice(items: Sequence[T], item_weights: Sequence[int], random: Cal
         if target < running:
             return item
     return items[-1]
+
+
+#: ``oldestHistoricBlockNumber`` at or below this means the node keeps world state from genesis.
+FULL_HISTORY_BLOCK = 1
+
+
+def node_type(oldest_block: int | None, epoch_type: str) -> str:
+    """Archiver or pruned: from the node's own world-state depth when it reports one.
+
+    The prototype's epoch count (``epoch_type``, from the sentinel history) only says how long the
+    node's validator sentinel has been recording; ``oldestHistoricBlockNumber`` says which old
+    state the node can actually serve, so it wins whenever the node offers it.
+    """
+    if oldest_block is not None:
+        return "archiver" if oldest_block <= FULL_HISTORY_BLOCK else "pruned"
+    return epoch_type
+
+
+def lag_reason(block: int, best: int, max_lag: int) -> str | None:
+    """Why a node is held back for lagging, or None: more than ``max_lag`` blocks behind the best."""
+    lag = best - block
+    if lag > max_lag:
+        return f"{lag} blocks behind the best healthy node ({best}); limit {max_lag}"
+    return None
+
+
+def majority(values: Iterable[H]) -> H | None:
+    """The value held by more nodes than any other, or None on a tie (no side can be trusted)."""
+    counts = Counter(values).most_common(2)
+    if not counts:
+        return None
+    if len(counts) == 2 and counts[0][1] == counts[1][1]:
+        return None
+    return counts[0][0]

@@ -64,6 +64,12 @@ def backend_document(backend: Backend) -> dict[str, Any]:
             "totalErrors": backend.total_errors,
         },
         "lastError": backend.last_error,
+        "routing": backend.routing,
+        "quarantine": dict(backend.quarantine),
+        "lag": backend.lag,
+        "oldestBlock": backend.oldest_block,
+        "chain": ({"l1ChainId": backend.chain[0], "rollupVersion": backend.chain[1]}
+                  if backend.chain else None),
     }
     if verdict is not None:
         document["integrity"] = verdict.to_json()

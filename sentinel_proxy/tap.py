@@ -6,10 +6,11 @@ and is what tests call with their own reactor and settings.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -96,10 +97,13 @@ class GatewayService(MultiService):
 
     def __init__(self, settings: Settings, reactor: Any):
         super().__init__()
-        from .web import GatewayApp, make_site  # klein installs the default reactor: import late
+        from .web import (  # klein installs the default reactor: import late
+            GatewayApp,
+            make_site,
+        )
 
         self.settings = settings
-        self.pool = BackendPool(settings.backends)
+        self.pool = BackendPool(settings.backends, max_block_lag=settings.max_block_lag)
         self.upstream = UpstreamClient(reactor, settings.upstream_max_connections,
                                        settings.upstream_idle_timeout_ms / 1000.0)
         self.metrics = Metrics(self.pool)
@@ -114,7 +118,9 @@ class GatewayService(MultiService):
         HealthService(self.pool, self.upstream, settings.health_check_interval_ms / 1000.0,
                       settings.request_timeout, reactor).setServiceParent(self)
         IntegrityService(self.pool, self.upstream, settings.integrity_check_interval_ms / 1000.0,
-                         settings.request_timeout, reactor, integrity_params(settings)).setServiceParent(self)
+                         settings.request_timeout, reactor, integrity_params(settings),
+                         runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
+                         ).setServiceParent(self)
         UpstreamService(self.upstream).setServiceParent(self)
         self.listener = ListenService(settings.listen, make_site(app.resource(), settings.max_body_bytes), reactor,
                                       demo=settings.demo)

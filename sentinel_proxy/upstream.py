@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet import defer, error as neterror
 from twisted.internet.interfaces import IReactorTime
@@ -120,6 +120,28 @@ _TRANSPORT_ERRORS = (ResponseFailed, ResponseNeverReceived, neterror.ConnectionL
                      neterror.ConnectionDone, neterror.ConnectionClosed)
 
 
+def request_body(method: str, params: list[Any], request_id: int = 1) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}).encode()
+
+
+def parse_json(what: str, body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise RpcCallError(f"{what}: answer is not JSON") from None
+
+
+def result_of(method: str, document: Any) -> Any:
+    """The ``result`` of one JSON-RPC answer, or the reason there is none."""
+    if not isinstance(document, dict):
+        raise RpcCallError(f"{method}: no JSON-RPC answer")
+    if "error" in document:
+        raise RpcCallError(f"{method}: error {document['error']!r:.200}")
+    if "result" not in document:
+        raise RpcCallError(f"{method}: no result")
+    return document["result"]
+
+
 class UpstreamClient:
     def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
                  agent: IAgent | None = None):
@@ -154,24 +176,38 @@ class UpstreamClient:
         except _TRANSPORT_ERRORS as exc:
             raise UpstreamError("transport", f"connection failed: {exc.__class__.__name__}") from None
 
-    async def call(self, backend: Backend, method: str, params: list[Any], timeout: float) -> Any:
-        """One JSON-RPC call for the checks; returns its ``result`` or raises with the reason."""
-        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+    async def fetch(self, backend: Backend, body: bytes, timeout: float) -> UpstreamResponse:
+        """A check's own request: uncompressed, and anything but HTTP 200 is a failed check."""
         headers = Headers({b"content-type": [b"application/json"], b"accept-encoding": [b"identity"]})
         response = await self.post(backend, body, headers, timeout)
         if response.code != 200:
-            raise RpcCallError(f"{method}: HTTP {response.code}")
-        try:
-            document = json.loads(response.body)
-        except (ValueError, RecursionError):
-            raise RpcCallError(f"{method}: answer is not JSON") from None
-        if not isinstance(document, dict):
-            raise RpcCallError(f"{method}: answer is not a JSON-RPC object")
-        if "error" in document:
-            raise RpcCallError(f"{method}: error {document['error']!r:.200}")
-        if "result" not in document:
-            raise RpcCallError(f"{method}: no result")
-        return document["result"]
+            raise RpcCallError(f"HTTP {response.code}")
+        return response
+
+    async def call(self, backend: Backend, method: str, params: list[Any], timeout: float) -> Any:
+        """One JSON-RPC call for the checks; returns its ``result`` or raises with the reason."""
+        response = await self.fetch(backend, request_body(method, params), timeout)
+        return result_of(method, parse_json(method, response.body))
+
+    async def batch(self, backend: Backend, calls: Sequence[tuple[str, list[Any]]],
+                    timeout: float) -> tuple[list[Any], Headers]:
+        """Several check calls in one round trip; each item is a result or an :class:`RpcCallError`.
+
+        Answers are matched by id, not position, so a node that reorders them is still read right.
+        """
+        body = b"[" + b",".join(request_body(method, params, i) for i, (method, params) in enumerate(calls)) + b"]"
+        response = await self.fetch(backend, body, timeout)
+        items = parse_json("batch", response.body)
+        if not isinstance(items, list):
+            raise RpcCallError("batch: answer is not a JSON array")
+        by_id = {item.get("id"): item for item in items if isinstance(item, dict)}
+        results: list[Any] = []
+        for i, (method, _) in enumerate(calls):
+            try:
+                results.append(result_of(method, by_id.get(i)))
+            except RpcCallError as exc:
+                results.append(exc)
+        return results, response.headers
 
     def close(self) -> defer.Deferred[None]:
         """Drop pooled connections, so shutdown leaves no sockets behind."""

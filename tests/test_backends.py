@@ -1,7 +1,8 @@
 """Backend state, route candidates, credentials handling and the /health helpers (no I/O)."""
 import base64
+from dataclasses import dataclass
 
-from sentinel_proxy.backends import Backend, BackendPool, LatencyWindow, display_url
+from sentinel_proxy.backends import Backend, BackendPool, LatencyWindow, Pick, display_url
 from sentinel_proxy.status import NEVER, rfc3339
 
 
@@ -24,19 +25,81 @@ def test_credentials_become_basic_auth_and_are_masked():
     assert Backend("http://[::1]:8080").target == b"http://[::1]:8080/"
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Stands in for an IntegrityVerdict: only what the pool reads."""
+
+    status: str = "perfect"
+    node_type: str = "pruned"
+    missing_epochs: tuple = ()
+    inconsistent_epochs: tuple = ()
+
+
+def healthy_pool(count, **kwargs):
+    pool = BackendPool([f"http://n{i}:1" for i in range(count)], random=lambda: 0.0, **kwargs)
+    for backend in pool.backends:
+        pool.record_health(backend, True, now=1.0, block_number=100, latency_ms=5.0)
+    return pool
+
+
 def test_only_healthy_nodes_of_the_route_type_are_candidates():
     pool = BackendPool(["http://a:1", "http://b:1", "http://c:1"], random=lambda: 0.0)
     a, b, c = pool.backends
-    assert pool.pick("/") is None, "unchecked nodes get no traffic"
-    pool.record_health(a, True, now=1.0, block_number=10, latency_ms=5.0)
-    pool.record_health(b, True, now=1.0, block_number=10, latency_ms=5.0)
+    assert pool.pick("/") == Pick(None), "unchecked nodes get no traffic"
+    pool.record_health(a, True, now=1.0, block_number=10, latency_ms=5.0, oldest_block=1)
+    pool.record_health(b, True, now=1.0, block_number=10, latency_ms=5.0, oldest_block=5)
     pool.record_health(c, False, now=1.0, error="node_isReady answered False")
-    a.node_type, b.node_type = "archiver", "pruned"
+    for backend in (a, b):
+        pool.record_integrity(backend, Verdict())
+    assert (a.node_type, b.node_type) == ("archiver", "pruned"), "world-state depth decides the type"
     assert pool.candidates("/") == [a, b]
-    assert pool.candidates("/archiver") == [a] and pool.pick("/archiver") is a
+    assert pool.candidates("/archiver") == [a] and pool.pick("/archiver") == Pick(a)
     assert pool.candidates("/pruned") == [b]
     assert c.checked_down and not Backend("http://d:1").checked_down
     assert pool.any_healthy
+
+
+def test_untrusted_nodes_serve_only_as_a_fallback():
+    pool = healthy_pool(3)
+    good, bad, unverified = pool.backends
+    pool.record_integrity(good, Verdict("good"))
+    pool.record_integrity(bad, Verdict("bad", missing_epochs=(3,)))
+    pool.record_integrity(unverified, Verdict("unverified", node_type=""))
+    assert [pool.pick("/") for _ in range(3)] == [Pick(good)] * 3
+    pool.record_health(good, False, now=2.0, error="down")
+    assert pool.pick("/").backend in (bad, unverified) and pool.pick("/").fallback == "integrity"
+    assert [b.routing for b in pool.backends] == ["down", "fallback", "fallback"]
+
+
+def test_block_requirements_pick_a_node_that_keeps_the_block():
+    pool = healthy_pool(2)
+    archiver, pruned = pool.backends
+    pool.record_health(archiver, True, now=1.0, block_number=100, oldest_block=1)
+    pool.record_health(pruned, True, now=1.0, block_number=100, oldest_block=60)
+    for backend in pool.backends:
+        pool.record_integrity(backend, Verdict())
+    assert {pool.pick("/", 10).backend for _ in range(20)} == {archiver}
+    assert pool.history_floor("/") == 1 and pool.history_floor("/pruned") == 60
+    pool.record_health(archiver, False, now=2.0)
+    assert pool.pick("/", 10) == Pick(None) and pool.history_floor("/") == 60
+    assert pool.pick("/", 60) == Pick(pruned)
+
+
+def test_reassess_quarantines_lagging_and_foreign_nodes():
+    pool = healthy_pool(4, max_block_lag=10)
+    a, b, c, d = pool.backends
+    for backend, block, chain in ((a, 100, ("1", "1")), (b, 91, ("1", "1")), (c, 89, ("1", "1")),
+                                  (d, 500, ("1", "2"))):
+        pool.record_health(backend, True, now=1.0, block_number=block, chain=chain)
+        pool.record_integrity(backend, Verdict())
+    pool.reassess()
+    assert not a.quarantine and not b.quarantine and b.lag == 9
+    assert set(c.quarantine) == {"lag"} and c.lag == 11
+    assert set(d.quarantine) == {"chain"}
+    assert pool.candidates("/") == [a, b]
+    pool.record_health(c, True, now=2.0, block_number=100)
+    pool.reassess()
+    assert not c.quarantine and pool.candidates("/") == [a, b, c]
 
 
 def test_priority_follows_state_changes():

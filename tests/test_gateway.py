@@ -10,6 +10,9 @@ from tests.support import JSON, http, post_json, rpc, wait_for
 
 ensure = pytest_twisted.ensureDeferred
 
+#: A block every simulated node keeps (pruned nodes keep the last 64 below the tip of 1000).
+RECENT = 950
+
 
 async def both(cluster, scenario="pruned"):
     """One node and a gateway in front of it: answers via either must be identical."""
@@ -21,7 +24,7 @@ async def both(cluster, scenario="pruned"):
 @ensure
 async def test_single_call_is_byte_identical_to_a_direct_call(cluster):
     node, gateway = await both(cluster)
-    for call in (rpc("node_getBlockNumber"), rpc("node_getBlock", [5], id_="five"), rpc("node_getL2Tips")):
+    for call in (rpc("node_getBlockNumber"), rpc("node_getBlock", [RECENT], id_="five"), rpc("node_getL2Tips")):
         direct, proxied = await post_json(node.url, call), await post_json(gateway, call)
         assert (proxied.code, proxied.body) == (direct.code, direct.body)
         assert proxied.header("content-type") == "application/json"
@@ -30,14 +33,14 @@ async def test_single_call_is_byte_identical_to_a_direct_call(cluster):
 @ensure
 async def test_batch_keeps_ids_order_and_not_found(cluster):
     node, gateway = await both(cluster)
-    batch = [rpc("node_getBlock", [3], id_=0), rpc("node_getBlock", [10 ** 9], id_="missing"),
+    batch = [rpc("node_getBlock", [RECENT], id_=0), rpc("node_getBlock", [10 ** 9], id_="missing"),
              rpc("node_getBlockNumber", id_=2), rpc("node_isReady", id_="x-3")]
     direct, proxied = await post_json(node.url, batch), await post_json(gateway, batch)
     assert proxied.code == 200 and proxied.body == direct.body
     items = proxied.json()
     assert [item["id"] for item in items] == [0, "missing", 2, "x-3"]
     assert "result" not in items[1] and "error" not in items[1]
-    assert items[0]["result"]["number"] == 3
+    assert items[0]["result"]["number"] == RECENT
 
 
 @ensure
@@ -55,7 +58,7 @@ async def test_aztec_headers_pass_through(cluster):
 async def test_gzip_answers_pass_through_compressed(cluster):
     node, gateway = await both(cluster)
     headers = {**JSON, b"accept-encoding": [b"gzip"]}
-    body = json.dumps([rpc("node_getBlocks", [1, 5])]).encode()
+    body = json.dumps([rpc("node_getBlocks", [RECENT, 5])]).encode()
     direct = await http("POST", node.url, body, headers)
     proxied = await http("POST", gateway, body, headers)
     assert proxied.header("content-encoding") == "gzip"
@@ -79,8 +82,8 @@ async def test_routes_reach_the_right_node_types(cluster):
     for route, target, other in (("/archiver", archiver, pruned), ("/pruned", pruned, archiver)):
         before_target, before_other = target.node.calls["node_getBlock"], other.node.calls["node_getBlock"]
         for i in range(10):
-            answer = await post_json(gateway + route, [rpc("node_getBlock", [i + 1])])
-            assert answer.code == 200 and answer.json()[0]["result"]["number"] == i + 1
+            answer = await post_json(gateway + route, [rpc("node_getBlock", [RECENT + i])])
+            assert answer.code == 200 and answer.json()[0]["result"]["number"] == RECENT + i
         assert target.node.calls["node_getBlock"] - before_target == 10
         assert other.node.calls["node_getBlock"] == before_other
 
@@ -153,13 +156,13 @@ async def test_chunked_oversized_body_is_refused(cluster):
 @ensure
 async def test_batch_with_refused_items_is_merged_in_order(cluster):
     node, gateway = await both(cluster)
-    batch = [rpc("node_getBlock", [2], id_=0), rpc("nodeAdmin_rollbackTo", [1], id_=1), "junk",
+    batch = [rpc("node_getBlock", [RECENT], id_=0), rpc("nodeAdmin_rollbackTo", [1], id_=1), "junk",
              rpc("node_getBlockNumber", id_="last")]
     answer = await post_json(gateway, batch)
     assert answer.code == 200
     items = answer.json()
     assert [item["id"] for item in items] == [0, 1, None, "last"]
-    assert items[0]["result"]["number"] == 2
+    assert items[0]["result"]["number"] == RECENT
     assert items[1]["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
     assert items[2]["error"]["code"] == jsonrpc.INVALID_REQUEST
     assert node.node.calls["nodeAdmin_rollbackTo"] == 0
@@ -193,7 +196,7 @@ async def test_a_node_that_goes_down_gets_no_traffic(cluster):
                    what="the not-ready node to be marked unhealthy")
     before = bad.node.calls["node_getBlock"]
     for i in range(40):
-        assert (await post_json(gateway, [rpc("node_getBlock", [i + 1])])).code == 200
+        assert (await post_json(gateway, [rpc("node_getBlock", [RECENT + i])])).code == 200
     assert bad.node.calls["node_getBlock"] == before
     assert good.node.calls["node_getBlock"] >= 40
 

@@ -40,3 +40,24 @@ def test_weighted_choice_distribution():
     assert abs(counts["a"] / 9000 - 1 / 3) < 0.03
     assert abs(counts["b"] / 9000 - 5 / 9) < 0.03
     assert abs(counts["c"] / 9000 - 1 / 9) < 0.03
+
+
+def test_node_type_prefers_world_state_depth():
+    assert scoring.node_type(1, "pruned") == "archiver"
+    assert scoring.node_type(0, "") == "archiver"
+    assert scoring.node_type(500, "archiver") == "pruned"
+    assert scoring.node_type(None, "archiver") == "archiver"
+    assert scoring.node_type(None, "") == ""
+
+
+def test_lag_reason():
+    assert scoring.lag_reason(90, 100, 10) is None
+    assert "11 blocks behind" in scoring.lag_reason(89, 100, 10)
+    assert scoring.lag_reason(100, 100, 0) is None
+
+
+def test_majority_needs_a_strict_winner():
+    assert scoring.majority(["a", "a", "b"]) == "a"
+    assert scoring.majority(["a", "b"]) is None
+    assert scoring.majority([]) is None
+    assert scoring.majority([("1", "1")]) == ("1", "1")

@@ -1,0 +1,127 @@
+"""End-to-end: verdicts in /health and routing that acts on them, over loopback."""
+import pytest_twisted
+
+from sentinel_proxy import jsonrpc
+from sentinel_proxy.routing import BLOCK_PARAM_METHODS, block_needed, oldest_needed
+from sentinel_proxy.jsonrpc import parse_request
+from tests.support import http, post_json, rpc, wait_for
+
+ensure = pytest_twisted.ensureDeferred
+
+INTEGRITY_MS = 1000
+#: "Within two check intervals" of the integrity check, plus start-up time on a loaded machine.
+VERDICT_BOUND = 2 * INTEGRITY_MS / 1000 + 2.0
+
+FLEET = ("archiver", "pruned", "legacy", "missing-epochs", "lagging", "other-rollup", "sentinel-disabled")
+
+
+async def fleet(cluster, scenarios=FLEET):
+    nodes = {name: cluster.node(name) for name in scenarios}
+    service, gateway = await cluster.gateway(list(nodes.values()), wait_healthy=0,
+                                             integrity_check_interval_ms=str(INTEGRITY_MS))
+    return nodes, service, gateway
+
+
+async def health_by_scenario(gateway, nodes):
+    health = (await http("GET", gateway + "/health")).json()
+    by_url = {b["url"]: b for b in health["backends"]}
+    return {name: by_url[node.url] for name, node in nodes.items()}
+
+
+def all_judged(service):
+    return all(b.verdict is not None and b.last_check is not None for b in service.pool.backends)
+
+
+@ensure
+async def test_every_node_gets_the_right_verdict_and_traffic_avoids_the_bad_ones(cluster):
+    nodes, service, gateway = await fleet(cluster)
+    await wait_for(lambda: all_judged(service), timeout=VERDICT_BOUND, what="a verdict for every node")
+    await wait_for(lambda: any(b.quarantine for b in service.pool.backends), timeout=VERDICT_BOUND,
+                   what="the first reassessment")
+    health = await health_by_scenario(gateway, nodes)
+
+    for name in ("archiver", "pruned", "legacy"):
+        assert health[name]["routing"] == "preferred", (name, health[name])
+        assert health[name]["integrityStats"]["integrityStatus"] == "perfect", name
+    assert health["archiver"]["nodeType"] == "archiver" and health["archiver"]["oldestBlock"] == 1
+    assert health["pruned"]["nodeType"] == "pruned" and health["pruned"]["oldestBlock"] > 1
+
+    missing = health["missing-epochs"]
+    assert missing["integrityStats"]["integrityStatus"] == "bad" and missing["routing"] == "fallback"
+    assert missing["integrityStats"]["missingEpochs"], missing["integrityStats"]
+    assert missing["integrity"]["findings"], "the verdict must be explained"
+    assert any(epoch["missingSlots"] for epoch in missing["integrity"]["epochs"])
+
+    assert health["lagging"]["routing"] == "quarantined" and "lag" in health["lagging"]["quarantine"]
+    assert health["lagging"]["lag"] >= 50
+    assert health["other-rollup"]["routing"] == "quarantined"
+    assert "chain" in health["other-rollup"]["quarantine"]
+    assert health["other-rollup"]["chain"] == {"l1ChainId": "31337", "rollupVersion": "2"}
+    assert health["sentinel-disabled"]["integrityStats"]["integrityStatus"] == "unverified"
+    assert health["sentinel-disabled"]["routing"] == "fallback"
+
+    before = {name: node.node.calls["node_getL2Tips"] for name, node in nodes.items()}
+    for i in range(200):
+        answer = await post_json(gateway, [rpc("node_getL2Tips", id_=i)])
+        assert answer.code == 200 and answer.header("x-sentinel-fallback") is None
+    served = {name: node.node.calls["node_getL2Tips"] - before[name] for name, node in nodes.items()}
+    assert sum(served.values()) == 200
+    assert {name for name, count in served.items() if count} <= {"archiver", "pruned", "legacy"}, served
+    assert min(served[name] for name in ("archiver", "pruned", "legacy")) > 0, served
+
+
+@ensure
+async def test_historical_block_goes_to_the_archiver(cluster):
+    nodes, service, gateway = await fleet(cluster, ("archiver", "pruned"))
+    await wait_for(lambda: all(b.routing == "preferred" for b in service.pool.backends), timeout=VERDICT_BOUND,
+                   what="both nodes preferred")
+    pruned_calls = nodes["pruned"].node.calls["node_getBlock"]
+    for i in range(20):
+        answer = await post_json(gateway, [rpc("node_getBlock", [5 + i])])
+        assert answer.code == 200 and answer.json()[0]["result"]["number"] == 5 + i
+    storage = await post_json(gateway, rpc("node_getPublicStorageAt", [3, "0x" + "11" * 32, "0x01"]))
+    assert storage.code == 200 and "result" in storage.json(), storage.body
+    assert nodes["pruned"].node.calls["node_getBlock"] == pruned_calls
+    assert nodes["pruned"].node.calls["node_getPublicStorageAt"] == 0
+    assert nodes["archiver"].node.calls["node_getBlock"] >= 20
+
+
+@ensure
+async def test_without_an_archiver_old_blocks_get_a_clear_error(cluster):
+    nodes, service, gateway = await fleet(cluster, ("pruned",))
+    await wait_for(lambda: service.pool.backends[0].oldest_block is not None, timeout=VERDICT_BOUND,
+                   what="the node's world-state depth")
+    floor = service.pool.backends[0].oldest_block
+    single = await post_json(gateway, rpc("node_getBlock", [5], id_=9))
+    assert single.code == 400
+    assert single.json()["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE and single.json()["id"] == 9
+    assert f"oldest: {floor}" in single.json()["error"]["message"]
+    batch = await post_json(gateway, [rpc("node_getBlock", [5], id_=0), rpc("node_getBlock", [floor + 1], id_=1),
+                                      rpc("node_getBlock", ["5"], id_=2)])
+    items = batch.json()
+    assert batch.code == 200 and [item["id"] for item in items] == [0, 1, 2]
+    assert items[0]["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE
+    assert items[1]["result"]["number"] == floor + 1
+    assert "result" not in items[2] and "error" not in items[2], "a decimal string is a hash: not found"
+    assert nodes["pruned"].node.calls["node_getBlock"] == 2
+
+
+@ensure
+async def test_untrusted_nodes_serve_as_a_labelled_fallback(cluster):
+    nodes, service, gateway = await fleet(cluster, ("missing-epochs", "sentinel-disabled"))
+    await wait_for(lambda: all_judged(service) and all(b.healthy for b in service.pool.backends),
+                   timeout=VERDICT_BOUND, what="verdicts")
+    answer = await post_json(gateway, [rpc("node_getBlockNumber")])
+    assert answer.code == 200 and answer.header("x-sentinel-fallback") == "integrity"
+
+
+def test_block_needed_reads_only_explicit_numbers():
+    def calls(*params_list, method="node_getBlock"):
+        return parse_request(__import__("json").dumps(
+            [rpc(method, list(params), id_=i) for i, params in enumerate(params_list)]).encode(), 100).calls
+
+    assert [block_needed(c) for c in calls([7], ["7"], ["latest"], ["0x" + "ab" * 32], [True], [-1], [])] == \
+        [7, None, None, None, None, None, None]
+    assert oldest_needed(calls([70], [7], ["latest"])) == 7
+    assert oldest_needed(calls([7], method="node_getBlockNumber")) is None
+    assert "node_getPublicStorageAt" in BLOCK_PARAM_METHODS and "node_getBlocks" in BLOCK_PARAM_METHODS
