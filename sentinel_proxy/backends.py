@@ -10,7 +10,7 @@ import base64
 import random as _random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Tuple, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger
@@ -89,10 +89,27 @@ def _target(url: str) -> tuple[bytes, bytes | None]:
 TRUSTED_STATUSES = frozenset({"perfect", "good"})
 
 
+def default_name(url: str) -> str:
+    """host:port: short enough for a header and a log line, and never carries credentials."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path.rstrip("/")
+    return f"{host}:{port}{path}"
+
+
+BackendEntry = Union[str, Tuple[str, str]]
+
+
 @dataclass(eq=False)
 class Backend:
     url: str
+    #: Short node name (configured as ``name=url``, else host:port): headers, logs, dashboard.
     name: str = ""
+    #: The URL with its password masked: the prototype's ``url`` in /health and its metric label.
+    label: str = field(init=False)
     target: bytes = field(init=False, repr=False)
     authorization: bytes | None = field(init=False, repr=False)
     healthy: bool = False
@@ -114,7 +131,8 @@ class Backend:
     priority: int = 0
 
     def __post_init__(self) -> None:
-        self.name = self.name or display_url(self.url)
+        self.name = self.name or default_name(self.url)
+        self.label = display_url(self.url)
         self.target, self.authorization = _target(self.url)
         self.rescore()
 
@@ -151,6 +169,14 @@ class Backend:
         return block is None or self.oldest_block is None or self.oldest_block <= block
 
 
+def _backend(entry: BackendEntry) -> Backend:
+    """A URL, or a (name, URL) pair whose empty name means the default."""
+    if isinstance(entry, str):
+        return Backend(entry)
+    name, url = entry
+    return Backend(url, name)
+
+
 @dataclass(frozen=True, slots=True)
 class Pick:
     backend: Backend | None
@@ -161,19 +187,20 @@ class Pick:
 class BackendPool:
     """All backends, with selection per route; mutated only by checks and request outcomes."""
 
-    def __init__(self, urls: Iterable[str], random: Callable[[], float] = _random.random,
+    def __init__(self, urls: Iterable[BackendEntry], random: Callable[[], float] = _random.random,
                  max_block_lag: int = 10):
         self._random = random
         self._max_lag = max_block_lag
-        self.backends: tuple[Backend, ...] = tuple(Backend(url) for url in urls)
+        self.backends: tuple[Backend, ...] = tuple(_backend(entry) for entry in urls)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._falling_back: set[str] = set()
         self._rebuild()
 
-    def replace(self, urls: Iterable[str]) -> None:
+    def replace(self, entries: Iterable[BackendEntry]) -> None:
         """Set the backend list, keeping the state of nodes that stay."""
         current = {b.url: b for b in self.backends}
-        self.backends = tuple(current.get(url) or Backend(url) for url in urls)
+        fresh = [_backend(entry) for entry in entries]
+        self.backends = tuple(current.get(b.url) or b for b in fresh)
         self.reassess()
 
     def _rebuild(self) -> None:

@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 from .backends import Backend, BackendPool
 from .integrity import IntegrityInputError, IntegrityParams, IntegrityVerdict, analyse
 from .logs import observer
+from .metrics import Metrics
 from .upstream import (
     RpcCallError,
     UpstreamClient,
@@ -46,29 +47,37 @@ class PeriodicCheck(TimerService):
     """Runs :meth:`check` for the backends :meth:`targets` selects, all at once, every ``interval``."""
 
     name_of_check = "check"
+    #: The ``check`` label of the check metrics.
+    metric_name = "check"
 
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, interval: float, timeout: float,
-                 clock: IReactorTime):
+                 clock: IReactorTime, metrics: Metrics | None = None):
         super().__init__(interval, self.run_once)
         self.clock = clock
         self._pool = pool
         self._upstream = upstream
         self._timeout = timeout
+        self._metrics = metrics
         self._round: defer.Deferred[Any] | None = None
 
     def targets(self) -> Iterable[Backend]:
         return self._pool.backends
 
-    async def check(self, backend: Backend) -> None:
+    async def check(self, backend: Backend) -> bool:
+        """Check one backend and record the result; True when the check succeeded."""
         raise NotImplementedError
 
     async def _guarded(self, backend: Backend) -> None:
+        started = self.clock.seconds()
+        ok = False
         try:
-            await self.check(backend)
+            ok = await self.check(backend)
         except defer.CancelledError:
             raise
         except Exception:  # a bug in one check must not stop the loop or the other checks
             log.failure("{check} of {backend} crashed", check=self.name_of_check, backend=backend.name)
+        if self._metrics is not None:
+            self._metrics.observe_check(self.metric_name, backend.label, self.clock.seconds() - started, ok)
 
     def run_once(self) -> defer.Deferred[Any]:
         """One round over the targets; the returned Deferred never fails."""
@@ -116,11 +125,12 @@ class HealthService(PeriodicCheck):
     """Readiness and tip of every node; after each round, lag and chain quarantines are reassessed."""
 
     name_of_check = "health check"
+    metric_name = "health"
 
     def run_once(self) -> defer.Deferred[Any]:
         return super().run_once().addCallback(lambda _: self._pool.reassess())
 
-    async def check(self, backend: Backend) -> None:
+    async def check(self, backend: Backend) -> bool:
         started = self.clock.seconds()
         try:
             (ready, block, info, sync_status), headers = await self._upstream.batch(
@@ -134,12 +144,13 @@ class HealthService(PeriodicCheck):
             if backend.healthy or backend.last_check is None:
                 log.warn("backend {backend} is unhealthy: {reason}", backend=backend.name, reason=str(exc))
             self._pool.record_health(backend, False, self.clock.seconds(), error=str(exc))
-            return
+            return False
         now = self.clock.seconds()
         if not backend.healthy:
             log.info("backend {backend} is healthy at block {block}", backend=backend.name, block=block)
         self._pool.record_health(backend, True, now, block_number=block, latency_ms=(now - started) * 1000.0,
                                  chain=chain_of(info, headers), oldest_block=oldest_block_of(sync_status))
+        return True
 
 
 def judge(body: bytes, params: IntegrityParams) -> IntegrityVerdict:
@@ -159,10 +170,12 @@ class IntegrityService(PeriodicCheck):
     """Fetches node_getValidatorsStats and records the analyser's verdict and the node type."""
 
     name_of_check = "integrity check"
+    metric_name = "integrity"
 
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, interval: float, timeout: float,
-                 clock: IReactorTime, params: IntegrityParams, runner: Runner = run_inline):
-        super().__init__(pool, upstream, interval, timeout, clock)
+                 clock: IReactorTime, params: IntegrityParams, runner: Runner = run_inline,
+                 metrics: Metrics | None = None):
+        super().__init__(pool, upstream, interval, timeout, clock, metrics)
         self._params = params
         self._runner = runner
 
@@ -171,16 +184,17 @@ class IntegrityService(PeriodicCheck):
         # health check at start, does not leave every node without a type for a whole interval.
         return [b for b in self._pool.backends if not b.checked_down]
 
-    async def check(self, backend: Backend) -> None:
+    async def check(self, backend: Backend) -> bool:
         try:
             response = await self._upstream.fetch(backend, request_body(STATS_METHOD, []), self._timeout)
             verdict = await self._runner(judge, response.body, self._params)
         except CHECK_ERRORS as exc:
             log.warn("integrity check of {backend} failed: {reason}", backend=backend.name, reason=str(exc))
-            return
+            return False
         previous = backend.verdict.status if backend.verdict else None
         self._pool.record_integrity(backend, verdict)
         if verdict.status != previous:
             log.info("backend {backend} integrity {status} (score {score}, type {node_type})",
                      backend=backend.name, status=verdict.status, score=verdict.score,
                      node_type=backend.node_type or "unknown")
+        return True

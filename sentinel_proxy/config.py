@@ -11,11 +11,13 @@ working directory, process environment, ``twistd sentinel-proxy`` option.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,22 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _switch(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{raw!r} is not on or off")
+
+
+def _log_format(raw: str) -> str:
+    text = raw.strip().lower()
+    if text not in LOG_FORMATS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
 def parse_backend_url(raw: str) -> str:
     """Check one backend URL; the URL is kept as written so /health shows what the operator set."""
     url = raw.strip()
@@ -88,14 +106,35 @@ def parse_backend_url(raw: str) -> str:
     return url
 
 
-def _backends(raw: str) -> tuple[str, ...]:
-    urls = tuple(parse_backend_url(item) for item in raw.split(",") if item.strip())
-    if not urls:
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def _backend_entry(item: str) -> tuple[str, str]:
+    """``url`` or ``name=url``: the name labels the node in headers, logs and the dashboard."""
+    text = item.strip()
+    scheme_at = text.find("://")
+    equals_at = text.find("=")
+    if 0 <= equals_at < scheme_at:
+        name, url = text[:equals_at].strip(), text[equals_at + 1:]
+        if not _NAME.match(name):
+            raise ValueError(f"{name!r} is not a node name (letters, digits, '.', '_', '-'; at most 64)")
+        return name, parse_backend_url(url)
+    return "", parse_backend_url(text)
+
+
+def _backends(raw: str) -> tuple[tuple[str, str], ...]:
+    entries = tuple(_backend_entry(item) for item in raw.split(",") if item.strip())
+    if not entries:
         raise ValueError("no backend URL given")
+    urls = [url for _, url in entries]
     duplicates = sorted({u for u in urls if urls.count(u) > 1})
     if duplicates:
         raise ValueError(f"{duplicates[0]!r} is listed twice")
-    return urls
+    names = [name for name, _ in entries if name]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"node name {duplicates[0]!r} is used twice")
+    return entries
 
 
 def _endpoint(raw: str) -> str:
@@ -110,8 +149,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("listen", "PROXY_LISTEN", None, _endpoint,
          "Twisted endpoint string to listen on (default tcp:$PROXY_PORT)"),
     Spec("log_level", "LOG_LEVEL", "info", _log_level, "debug, info, warn or error"),
+    Spec("log_format", "LOG_FORMAT", "text", _log_format,
+         "text (twistd's log) or json (one JSON object per line on stdout, for log shippers)"),
+    Spec("access_log", "ACCESS_LOG", "on", _switch, "one log line per proxied request: on or off"),
     Spec("backends", "SENTINEL_BACKENDS", None, _backends,
-         "comma-separated Aztec node URLs (required unless --demo)"),
+         "comma-separated Aztec node URLs, each optionally named as name=URL (required unless --demo)"),
     Spec("request_timeout_ms", "REQUEST_TIMEOUT_MS", "30000", _integer(1),
          "deadline of a proxied request and of each check call, in ms"),
     Spec("health_check_interval_ms", "HEALTH_CHECK_INTERVAL_MS", "30000", _integer(1),
@@ -159,7 +201,9 @@ class Settings:
     port: int
     listen: str
     log_level: str
-    backends: tuple[str, ...]
+    log_format: str
+    access_log: bool
+    backends: tuple[tuple[str, str], ...]
     request_timeout_ms: int
     health_check_interval_ms: int
     integrity_check_interval_ms: int

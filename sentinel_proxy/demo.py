@@ -46,8 +46,9 @@ class DemoNodesService(Service):
             node = SimulatedNode(SCENARIOS[name], chain, clock=self._reactor)
             port = self._reactor.listenTCP(0, simulated_site(node), interface="127.0.0.1")
             self.ports.append(port)
-            urls.append(f"http://127.0.0.1:{port.getHost().port}")
-            log.info("demo: simulated {scenario} node at {url}", scenario=name, url=urls[-1])
+            url = f"http://127.0.0.1:{port.getHost().port}"
+            urls.append((f"demo-{name}", url))
+            log.info("demo: simulated {scenario} node at {url}", scenario=name, url=url)
         self._pool.replace(list(self._settings.backends) + urls)
 
     def stopService(self) -> Any:

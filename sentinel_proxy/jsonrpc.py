@@ -13,6 +13,7 @@ from typing import Any
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
+INTERNAL_ERROR = -32603
 #: Gateway-defined: no healthy node can take the call (HTTP 503).
 NO_BACKEND = -32001
 #: Gateway-defined: the node could not be reached, failed, or answered garbage (HTTP 502).

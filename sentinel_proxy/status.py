@@ -38,7 +38,8 @@ def rfc3339(timestamp: float | None) -> str:
 def backend_document(backend: Backend) -> dict[str, Any]:
     verdict = backend.verdict
     document: dict[str, Any] = {
-        "url": backend.name,
+        "url": backend.label,
+        "name": backend.name,
         "healthy": backend.healthy,
         "blockNumber": backend.block_number,
         "lastCheck": rfc3339(backend.last_check),

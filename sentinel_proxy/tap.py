@@ -13,7 +13,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -108,7 +108,7 @@ class GatewayService(MultiService):
                                        settings.upstream_idle_timeout_ms / 1000.0)
         self.metrics = Metrics(self.pool)
         self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, settings.max_batch_size,
-                                   settings.max_body_bytes, settings.request_timeout)
+                                   settings.max_body_bytes, settings.request_timeout, settings.access_log)
         app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor)
 
         if settings.demo:
@@ -116,15 +116,22 @@ class GatewayService(MultiService):
 
             DemoNodesService(self.pool, settings, reactor).setServiceParent(self)
         HealthService(self.pool, self.upstream, settings.health_check_interval_ms / 1000.0,
-                      settings.request_timeout, reactor).setServiceParent(self)
+                      settings.request_timeout, reactor, self.metrics).setServiceParent(self)
         IntegrityService(self.pool, self.upstream, settings.integrity_check_interval_ms / 1000.0,
                          settings.request_timeout, reactor, integrity_params(settings),
                          runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
-                         ).setServiceParent(self)
+                         metrics=self.metrics).setServiceParent(self)
         UpstreamService(self.upstream).setServiceParent(self)
         self.listener = ListenService(settings.listen, make_site(app.resource(), settings.max_body_bytes), reactor,
                                       demo=settings.demo)
         self.listener.setServiceParent(self)
+
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd the parent is the Application: hand it the JSON observer when asked for."""
+        super().setServiceParent(parent)
+        if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, logs.json_observer())
 
 
 def integrity_params(settings: Settings) -> IntegrityParams:

@@ -7,16 +7,25 @@ while they arrive, so an oversized body is never held in memory.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from typing import Any
+
+from pathlib import Path
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
+from twisted.web import pages
 from twisted.web.server import Request, Site
+from twisted.web.static import File
 
 from .backends import BackendPool
-from .forwarder import Forwarder, Reply
+from .forwarder import Caller, Forwarder, Reply
 from .metrics import Metrics
 from .status import health_document
+
+#: Shipped inside the package: operators run this in closed networks, so no CDN, no web fonts.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 _CORS_PREFLIGHT = (
     (b"access-control-allow-origin", b"*"),
@@ -24,6 +33,23 @@ _CORS_PREFLIGHT = (
     (b"access-control-allow-headers", b"content-type, content-encoding, accept-encoding, x-request-id"),
     (b"access-control-max-age", b"86400"),
 )
+
+
+#: What a caller's X-Request-ID may look like to be reused: bounded, and safe in headers and logs.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}\Z")
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID when it is safe to reuse, else a fresh random one."""
+    given = request.getHeader(b"x-request-id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given.decode("ascii")
+    return secrets.token_hex(8)
+
+
+def caller_of(request: Request) -> Caller:
+    address = request.getClientAddress()
+    return Caller(request_id_of(request), getattr(address, "host", None) or "-")
 
 
 class BoundedRequest(Request):
@@ -47,6 +73,13 @@ class BoundedRequest(Request):
             self.content.truncate()
             return
         super().handleContentChunk(data)
+
+
+class StaticFiles(File):
+    """The dashboard's assets, without a directory listing of the package folder."""
+
+    def directoryListing(self) -> Any:
+        return pages.notFound()
 
 
 class GatewaySite(Site):
@@ -80,11 +113,13 @@ class GatewayApp:
         headers = request.responseHeaders
         for name, value in reply.headers:
             headers.addRawHeader(name, value)
+        # The whole body is at hand: a length instead of chunked encoding, as the node itself sends.
+        headers.setRawHeaders(b"content-length", [str(len(reply.body)).encode("ascii")])
         return reply.body
 
     async def _proxy(self, request: Request, route: str) -> bytes:
         reply = await self._forwarder.handle(route, request.content.read(), request.requestHeaders,
-                                             getattr(request, "body_too_large", False))
+                                             getattr(request, "body_too_large", False), caller_of(request))
         return self._write(request, reply)
 
     @app.route("/", methods=["POST"])
@@ -128,3 +163,13 @@ class GatewayApp:
     def metrics(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; version=0.0.4; charset=utf-8"])
         return self._metrics.render()
+
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard(self, request: Request) -> bytes:
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+        return (STATIC_DIR / "dashboard.html").read_bytes()
+
+    @app.route("/static/", branch=True, methods=["GET"])
+    def static(self, request: Request) -> File:
+        return StaticFiles(str(STATIC_DIR))

@@ -16,11 +16,13 @@ def test_latency_window_keeps_the_last_hundred():
 
 def test_credentials_become_basic_auth_and_are_masked():
     backend = Backend("https://alice:s%40cret@node.example:8443/rpc")
-    assert backend.name == "https://alice:***@node.example:8443/rpc"
+    assert backend.label == "https://alice:***@node.example:8443/rpc"
+    assert backend.name == "node.example:8443/rpc"
     assert backend.target == b"https://node.example:8443/rpc"
     assert backend.authorization == b"Basic " + base64.b64encode(b"alice:s@cret")
     plain = Backend("http://node:8080")
-    assert (plain.name, plain.target, plain.authorization) == ("http://node:8080", b"http://node:8080/", None)
+    assert (plain.label, plain.target, plain.authorization) == ("http://node:8080", b"http://node:8080/", None)
+    assert (plain.name, Backend("https://n", "archiver-1").name) == ("node:8080", "archiver-1")
     assert display_url("http://[::1]:8080") == "http://[::1]:8080"
     assert Backend("http://[::1]:8080").target == b"http://[::1]:8080/"
 

@@ -15,7 +15,7 @@ def test_prototype_defaults():
     assert (s.port, s.log_level, s.request_timeout_ms, s.health_check_interval_ms) == (8080, "info", 30000, 30000)
     assert (s.integrity_check_interval_ms, s.integrity_check_epochs, s.integrity_score_threshold) == (60000, 10, 95)
     assert (s.slots_per_epoch, s.expected_validators, s.archiver_threshold_epochs) == (32, 24, 100)
-    assert s.backends == ("http://a:8080", "http://b:8080")
+    assert s.backends == (("", "http://a:8080"), ("", "http://b:8080"))
     assert s.listen == "tcp:8080"
     assert (s.max_batch_size, s.max_body_bytes) == (100, 1048576)
 
@@ -52,6 +52,9 @@ def test_listen_endpoint_wins_over_port():
     ({"SENTINEL_BACKENDS": "http://a:notaport"}, "is not a valid URL"),
     ({"SENTINEL_BACKENDS": "http://a:1,http://a:1"}, "is listed twice"),
     ({"SENTINEL_BACKENDS": " , "}, "no backend URL given"),
+    ({"SENTINEL_BACKENDS": "bad name=http://a:1"}, "'bad name' is not a node name"),
+    ({"SENTINEL_BACKENDS": "n=http://a:1,n=http://b:1"}, "node name 'n' is used twice"),
+    ({"SENTINEL_BACKENDS": "http://nodé:1"}, "is not ASCII"),
     ({"INTEGRITY_SCORE_THRESHOLD": "101"}, "INTEGRITY_SCORE_THRESHOLD"),
 ])
 def test_bad_values_are_refused_with_name_and_value(env, fragment):
@@ -103,3 +106,9 @@ def test_every_setting_is_documented():
             assert f"`{spec.env}`" in text and f"`--{spec.option}`" in text, spec.env
             if spec.default is not None:
                 assert f"`{spec.default}`" in text, spec.env
+
+
+def test_backends_may_be_named():
+    s = load(env={"SENTINEL_BACKENDS": "archiver-1=http://a:8080, http://b:8080/rpc?,"[:-2]})
+    assert s.backends == (("archiver-1", "http://a:8080"), ("", "http://b:8080/rpc"))
+    assert load(env={"SENTINEL_BACKENDS": "http://u:p@a:1/x=y"}).backends == (("", "http://u:p@a:1/x=y"),)

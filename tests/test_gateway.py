@@ -261,3 +261,15 @@ async def test_cors_preflight(cluster):
     node, gateway = await both(cluster)
     answer = await http("OPTIONS", gateway + "/archiver", headers={})
     assert answer.code == 204 and answer.header("access-control-allow-origin") == "*"
+
+
+@ensure
+async def test_dashboard_assets_are_served_without_a_listing(cluster):
+    node, gateway = await both(cluster)
+    page = await http("GET", gateway + "/dashboard")
+    assert page.code == 200 and page.header("content-type").startswith("text/html")
+    assert b"static/dashboard.js" in page.body
+    script = await http("GET", gateway + "/static/dashboard.js")
+    assert script.code == 200 and len(script.body) > 1000
+    assert (await http("GET", gateway + "/static/")).code == 404
+    assert (await http("GET", gateway + "/static/../config.py")).code == 404

@@ -85,6 +85,9 @@ class Daemon:
         finally:
             if self.process.poll() is None:
                 self.process.kill()
+                self.process.wait(timeout=5)
+            self._reader.join(timeout=5)
+            self.process.stdout.close()
 
 
 def fetch(url: str, body: bytes | None = None) -> tuple[int, bytes]:

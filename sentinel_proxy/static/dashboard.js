@@ -1,0 +1,510 @@
+/* sentinel-proxy operator dashboard.
+ *
+ * Polls `health` (relative, so the page also works behind a path prefix) every 2 s and updates the
+ * DOM in place. Everything in /health is treated as untrusted text: the DOM is built with
+ * createElement/textContent only, never innerHTML. Every field may be missing or null (an older
+ * gateway, or a node before its first check), so every read goes through a defensive helper.
+ *
+ * Test hooks: <tbody data-node="URL"> per backend, data-field="..." on its cells, and the epoch
+ * strip data-field="epochs" whose children carry data-epoch and data-verdict. <body data-state>
+ * is "loading", "live" or "stale".
+ */
+(function () {
+  "use strict";
+
+  var INTERVAL_MS = 2000;
+  var TIMEOUT_MS = 5000;
+  var HEALTH_URL = "health";
+  var ROUTING_STATES = ["preferred", "fallback", "quarantined", "down"];
+  var VERDICTS = { VALID: 1, WARNING: 1, PARTIAL: 1, INVALID: 1 };
+  var NEVER_PREFIX = "0001-01-01"; // Go's zero time: the node was never checked
+  var COLUMNS = 14;
+
+  var rows = new Map(); // key -> row object (see createRow)
+  var lastOk = null; // Date of the last good answer
+  var lastDoc = null; // the last good answer, kept on screen while the gateway is unreachable
+  var lastFailure = null; // {since: Date, reason: string}
+  var table = null;
+
+  // ---------- defensive readers ----------
+
+  function isObj(x) { return x !== null && typeof x === "object" && !Array.isArray(x); }
+  function obj(x) { return isObj(x) ? x : {}; }
+  function arr(x) { return Array.isArray(x) ? x : []; }
+  function num(x) {
+    if (typeof x === "number" && isFinite(x)) { return x; }
+    if (typeof x === "string" && x.trim() !== "" && isFinite(Number(x))) { return Number(x); }
+    return null;
+  }
+  function str(x) { return (typeof x === "string" || typeof x === "number") ? String(x) : ""; }
+  function first() {
+    for (var i = 0; i < arguments.length; i++) {
+      if (arguments[i] !== undefined && arguments[i] !== null) { return arguments[i]; }
+    }
+    return null;
+  }
+
+  // ---------- formatting ----------
+
+  var DASH = "\u2014";
+
+  function fmtInt(n) { return n === null ? DASH : Math.round(n).toLocaleString("en-US"); }
+  function fmtPlain(n) { return n === null ? DASH : String(Math.round(n)); }
+  function fmtMs(n) {
+    if (n === null) { return DASH; }
+    return n >= 100 ? String(Math.round(n)) : n.toFixed(1);
+  }
+  function fmtDuration(seconds) {
+    if (seconds === null || seconds < 0) { return DASH; }
+    var s = Math.floor(seconds);
+    var d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600);
+    var m = Math.floor((s % 3600) / 60), sec = s % 60;
+    if (d > 0) { return d + "d " + h + "h"; }
+    if (h > 0) { return h + "h " + m + "m"; }
+    if (m > 0) { return m + "m " + sec + "s"; }
+    return sec + "s";
+  }
+  function pad2(n) { return (n < 10 ? "0" : "") + n; }
+  function fmtClock(date) {
+    return pad2(date.getHours()) + ":" + pad2(date.getMinutes()) + ":" + pad2(date.getSeconds());
+  }
+  function fmtAgo(date, now) {
+    var secs = (now - date) / 1000;
+    if (secs < -5) { return "at " + fmtClock(date); } // clock skew: say when, not how long ago
+    if (secs < 1.5) { return "just now"; }
+    return fmtDuration(secs) + " ago";
+  }
+  function fmtList(values, limit) {
+    var shown = values.slice(0, limit).join(", ");
+    return values.length > limit ? shown + " +" + (values.length - limit) + " more" : shown;
+  }
+
+  // ---------- DOM helpers ----------
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined && text !== null) { node.textContent = text; }
+    return node;
+  }
+  function setText(node, text) {
+    text = text === null || text === undefined ? "" : String(text);
+    if (node.textContent !== text) { node.textContent = text; }
+  }
+  function setAttr(node, name, value) {
+    if (value === null || value === undefined || value === "") {
+      if (node.hasAttribute(name)) { node.removeAttribute(name); }
+    } else if (node.getAttribute(name) !== String(value)) {
+      node.setAttribute(name, String(value));
+    }
+  }
+  function field(name) { return document.querySelector('#totals [data-field="' + name + '"]'); }
+  function headerField(name) { return document.querySelector('[data-field="' + name + '"]'); }
+
+  // ---------- one node ----------
+
+  function createRow() {
+    var body = el("tbody", "node");
+    var main = el("tr", "main");
+    var notes = el("tr", "notes");
+    body.appendChild(main);
+    body.appendChild(notes);
+    var r = { body: body, cells: {}, sig: {} };
+
+    function cell(name, className) {
+      var td = el("td", className || "");
+      td.dataset.field = name;
+      main.appendChild(td);
+      r.cells[name] = td;
+      return td;
+    }
+
+    var nodeTd = el("td", "c-node");
+    r.name = el("div", "name");
+    r.name.dataset.field = "name";
+    r.url = el("div", "url mono");
+    r.url.dataset.field = "url";
+    nodeTd.appendChild(r.name);
+    nodeTd.appendChild(r.url);
+    main.appendChild(nodeTd);
+
+    r.health = el("span", "badge health");
+    cell("health").appendChild(r.health);
+    r.routing = el("span", "badge routing");
+    cell("routing").appendChild(r.routing);
+    cell("type", "c-type");
+    cell("block", "r num");
+    cell("lag", "r num");
+    cell("oldest", "r num");
+    cell("score", "r num score");
+    r.status = el("span", "badge integrity");
+    cell("status").appendChild(r.status);
+
+    var epochsTd = el("td", "c-epochs");
+    r.strip = el("div", "strip");
+    r.strip.dataset.field = "epochs";
+    r.stripRange = el("div", "strip-range mono");
+    epochsTd.appendChild(r.strip);
+    epochsTd.appendChild(r.stripRange);
+    main.appendChild(epochsTd);
+
+    var listsTd = el("td", "c-lists");
+    r.missing = el("div", "list missing");
+    r.missing.dataset.field = "missing";
+    r.inconsistent = el("div", "list inconsistent");
+    r.inconsistent.dataset.field = "inconsistent";
+    listsTd.appendChild(r.missing);
+    listsTd.appendChild(r.inconsistent);
+    main.appendChild(listsTd);
+
+    var latTd = cell("latency", "r num c-latency");
+    r.latAvg = el("span", "lat-avg");
+    r.latRange = el("span", "lat-range");
+    latTd.appendChild(r.latAvg);
+    latTd.appendChild(r.latRange);
+    cell("requests", "r num");
+    cell("errors", "r num");
+
+    var notesTd = el("td", "notes-cell");
+    notesTd.colSpan = COLUMNS;
+    notes.appendChild(notesTd);
+    r.quarantine = el("span", "note quarantine");
+    r.quarantine.dataset.field = "quarantine";
+    r.lastError = el("span", "note last-error");
+    r.lastError.dataset.field = "last-error";
+    r.chain = el("span", "note meta");
+    r.chain.dataset.field = "chain";
+    r.checked = el("span", "note meta");
+    r.checked.dataset.field = "last-check";
+    r.history = el("span", "note meta");
+    r.history.dataset.field = "history";
+    r.findings = el("details", "findings");
+    r.findings.dataset.field = "findings";
+    r.findingsSummary = el("summary", "", "findings");
+    r.findingsList = el("ul");
+    r.findings.appendChild(r.findingsSummary);
+    r.findings.appendChild(r.findingsList);
+    [r.quarantine, r.lastError, r.chain, r.checked, r.history, r.findings].forEach(function (n) {
+      notesTd.appendChild(n);
+    });
+    return r;
+  }
+
+  /** The cells of the epoch strip: analysed epochs, then missing, then not-scored ones, by epoch. */
+  function epochCells(b) {
+    var integrity = obj(b.integrity);
+    var stats = obj(b.integrityStats);
+    var byEpoch = new Map();
+    function add(epoch, verdict, title) {
+      epoch = num(epoch);
+      if (epoch === null || byEpoch.has(epoch)) { return; }
+      byEpoch.set(epoch, { epoch: epoch, verdict: verdict, title: title });
+    }
+    arr(integrity.epochs).forEach(function (e) {
+      e = obj(e);
+      var verdict = VERDICTS[str(e.verdict)] ? str(e.verdict) : "unknown";
+      var lines = ["epoch " + str(e.epoch) + " \u2014 " + (str(e.verdict) || "?") +
+                   ", score " + (num(e.score) === null ? "?" : num(e.score))];
+      var parts = [];
+      if (num(e.validators) !== null) { parts.push(e.validators + " validators"); }
+      if (num(e.proposerEntries) !== null) { parts.push(e.proposerEntries + " proposer entries"); }
+      if (num(e.attestationEntries) !== null) { parts.push(e.attestationEntries + " attestation entries"); }
+      if (parts.length) { lines.push(parts.join(", ")); }
+      var rules = arr(e.rules).map(str).filter(Boolean);
+      lines.push.apply(lines, rules.length ? rules : ["no rule broken"]);
+      add(e.epoch, verdict, lines.join("\n"));
+    });
+    var missing = arr(integrity.missingEpochs).length ? integrity.missingEpochs : stats.missingEpochs;
+    arr(missing).forEach(function (epoch) {
+      add(epoch, "missing", "epoch " + str(epoch) + " \u2014 missing: no record inside the history window");
+    });
+    arr(integrity.skippedEpochs).forEach(function (s) {
+      s = obj(s);
+      add(s.epoch, "skipped", "epoch " + str(s.epoch) + " \u2014 not scored: " + (str(s.reason) || "skipped"));
+    });
+    if (!arr(integrity.epochs).length) {
+      // An older gateway only lists inconsistent epochs, without a per-epoch verdict.
+      arr(stats.inconsistentEpochs).forEach(function (epoch) {
+        add(epoch, "inconsistent", "epoch " + str(epoch) + " \u2014 inconsistent (score below 100)");
+      });
+    }
+    return Array.from(byEpoch.values()).sort(function (a, b) { return a.epoch - b.epoch; });
+  }
+
+  function updateStrip(r, b, checked) {
+    var cells = epochCells(b);
+    var sig = JSON.stringify(cells);
+    if (r.sig.strip === sig) { return; }
+    r.sig.strip = sig;
+    var children = cells.map(function (c) {
+      var i = el("i", "epoch");
+      i.dataset.epoch = String(c.epoch);
+      i.dataset.verdict = c.verdict;
+      i.title = c.title;
+      i.setAttribute("role", "img");
+      i.setAttribute("aria-label", c.title.split("\n")[0]);
+      return i;
+    });
+    r.strip.replaceChildren.apply(r.strip, children);
+    setText(r.stripRange, cells.length ? (cells.length > 1 ? cells[0].epoch + "\u2013" + cells[cells.length - 1].epoch
+                                                            : String(cells[0].epoch))
+                                       : checked ? "no per-epoch detail" : "not checked");
+  }
+
+  function updateRow(r, b, now) {
+    var url = str(b.url);
+    var name = str(b.name);
+    setAttr(r.body, "data-node", url);
+    setText(r.name, name || url || "(no url)");
+    setText(r.url, name ? url : "");
+    setAttr(r.name, "title", url);
+
+    var healthy = b.healthy === true ? "healthy" : b.healthy === false ? "unhealthy" : "unknown";
+    setText(r.health, healthy);
+    setAttr(r.health, "data-value", healthy);
+    setAttr(r.body, "data-health", healthy);
+
+    var routing = str(b.routing) || DASH;
+    setText(r.routing, routing);
+    setAttr(r.routing, "data-value", str(b.routing));
+    setAttr(r.body, "data-routing", str(b.routing));
+    var reasons = Object.keys(obj(b.quarantine));
+    setAttr(r.routing, "title", reasons.length ? "quarantined for: " + reasons.join(", ") : "");
+
+    var integrity = obj(b.integrity);
+    var stats = obj(b.integrityStats);
+    var type = str(first(b.nodeType, integrity.nodeType));
+    setText(r.cells.type, type || DASH);
+    setAttr(r.cells.type, "data-value", type);
+
+    var block = num(b.blockNumber);
+    setText(r.cells.block, fmtPlain(block));
+    setAttr(r.cells.block, "data-value", block === null ? "" : String(block));
+    var lag = num(b.lag);
+    setText(r.cells.lag, fmtPlain(lag));
+    setAttr(r.cells.lag, "data-value", lag === null ? "" : String(lag));
+    r.cells.lag.classList.toggle("warn", lag !== null && lag > 0);
+    var oldest = num(b.oldestBlock);
+    setText(r.cells.oldest, fmtPlain(oldest));
+
+    var status = str(first(integrity.status, stats.integrityStatus));
+    var score = num(first(integrity.score, stats.integrityScore));
+    // Before the first integrity check the prototype's shape says score 0, status "": not a real 0.
+    var checked = status !== "";
+    setText(r.cells.score, checked && score !== null ? String(score) : DASH);
+    setAttr(r.cells.score, "data-value", checked && score !== null ? String(score) : "");
+    setText(r.status, checked ? status : "not checked");
+    setAttr(r.status, "data-value", status || "unchecked");
+
+    updateStrip(r, b, checked);
+
+    var missing = arr(first(integrity.missingEpochs, stats.missingEpochs)).map(str);
+    var inconsistent = arr(first(integrity.inconsistentEpochs, stats.inconsistentEpochs)).map(str);
+    setText(r.missing, missing.length ? "missing " + fmtList(missing, 6) : "");
+    setAttr(r.missing, "title", missing.length ? "missing epochs: " + missing.join(", ") : "");
+    setText(r.inconsistent, inconsistent.length ? "inconsistent " + fmtList(inconsistent, 6) : "");
+    setAttr(r.inconsistent, "title", inconsistent.length ? "inconsistent epochs: " + inconsistent.join(", ") : "");
+    r.missing.parentNode.classList.toggle("none", !missing.length && !inconsistent.length);
+
+    var rs = obj(b.requestStats);
+    var avg = num(rs.avgLatency), min = num(rs.minLatency), max = num(rs.maxLatency);
+    setText(r.latAvg, avg === null ? DASH : fmtMs(avg) + " ms");
+    setText(r.latRange, min === null && max === null ? "" : fmtMs(min) + " \u2013 " + fmtMs(max));
+    setAttr(r.cells.latency, "data-value", avg === null ? "" : String(avg));
+    var requests = num(rs.totalRequests), errors = num(rs.totalErrors);
+    setText(r.cells.requests, fmtInt(requests));
+    setAttr(r.cells.requests, "data-value", requests === null ? "" : String(requests));
+    setText(r.cells.errors, fmtInt(errors));
+    setAttr(r.cells.errors, "data-value", errors === null ? "" : String(errors));
+    r.cells.errors.classList.toggle("bad", errors !== null && errors > 0);
+
+    // notes line
+    var quarantine = obj(b.quarantine);
+    setText(r.quarantine, reasons.map(function (k) { return k + ": " + str(quarantine[k]); }).join(" \u00b7 "));
+    setText(r.lastError, b.lastError === null || b.lastError === undefined || b.lastError === ""
+                         ? "" : "last error: " + str(b.lastError));
+    var chain = b.chain;
+    if (isObj(chain)) {
+      setText(r.chain, "L1 chain " + (str(chain.l1ChainId) || "?") + " \u00b7 rollup " + (str(chain.rollupVersion) || "?"));
+    } else {
+      setText(r.chain, "chain " + (chain === null ? "not verified yet" : "unknown"));
+    }
+    var lastCheck = str(b.lastCheck);
+    var checkedAt = lastCheck && lastCheck.indexOf(NEVER_PREFIX) !== 0 ? new Date(lastCheck) : null;
+    setText(r.checked, checkedAt && !isNaN(checkedAt) ? "checked " + fmtAgo(checkedAt, now) : "never checked");
+    setAttr(r.checked, "title", lastCheck);
+    var es = obj(b.epochStats);
+    var bits = [];
+    var current = num(first(integrity.currentEpoch, es.currentEpoch));
+    var total = num(first(integrity.totalEpochs, es.totalEpochs));
+    if (checked && current !== null) { bits.push("epoch " + current); }
+    if (checked && total !== null) { bits.push(total + " epochs of history"); }
+    if (num(stats.priority) !== null) { bits.push("priority " + stats.priority); }
+    setText(r.history, bits.join(" \u00b7 "));
+
+    var findings = arr(integrity.findings).map(str);
+    var fsig = JSON.stringify(findings);
+    if (r.sig.findings !== fsig) {
+      r.sig.findings = fsig;
+      setText(r.findingsSummary, findings.length ? "findings (" + findings.length + ")" : "no findings");
+      r.findingsList.replaceChildren.apply(r.findingsList, findings.map(function (f) { return el("li", "", f); }));
+      r.findings.hidden = findings.length === 0;
+    }
+  }
+
+  // ---------- the fleet ----------
+
+  function renderTotals(doc, backends, now, receivedAt) {
+    var status = str(doc.status) || "unknown";
+    var pill = field("overall-status");
+    setText(pill, status);
+    setAttr(pill, "data-value", status);
+
+    var healthy = backends.filter(function (b) { return obj(b).healthy === true; });
+    setText(field("healthy-nodes"), String(healthy.length));
+    setText(field("total-nodes"), String(backends.length));
+
+    ROUTING_STATES.forEach(function (state) {
+      var n = backends.filter(function (b) { return obj(b).routing === state; }).length;
+      var target = field("routing-" + state);
+      setText(target, String(n));
+      target.parentNode.classList.toggle("zero", n === 0);
+    });
+
+    var pool = healthy.length ? healthy : backends;
+    var best = null;
+    pool.forEach(function (b) {
+      var n = num(obj(b).blockNumber);
+      if (n !== null && (best === null || n > best)) { best = n; }
+    });
+    setText(field("best-block"), fmtPlain(best));
+
+    var metrics = obj(doc.metrics);
+    var requests = num(metrics.totalRequests), errors = num(metrics.totalErrors), rate = num(metrics.errorRate);
+    setText(field("total-requests"), fmtInt(requests));
+    setAttr(field("total-requests"), "data-value", requests === null ? "" : String(requests));
+    setText(field("total-errors"), fmtInt(errors));
+    setText(field("error-rate"), rate === null ? "" : "(" + (rate * 100).toFixed(2) + " %)");
+    field("error-rate").classList.toggle("bad", rate !== null && rate > 0.01);
+    setText(field("uptime"), fmtDuration(num(doc.uptime)));
+    setText(field("refreshed"), fmtClock(receivedAt));
+    document.title = "sentinel-proxy \u00b7 " + healthy.length + "/" + backends.length + " healthy";
+  }
+
+  /** Draws `doc` (received at `receivedAt`); `now` only moves the "… ago" texts on. */
+  function render(doc, now, receivedAt) {
+    doc = obj(doc);
+    var backends = arr(doc.backends);
+    renderTotals(doc, backends, now, receivedAt);
+
+    var empty = table.querySelector("tbody[data-empty]");
+    if (empty) {
+      empty.hidden = backends.length > 0;
+      setText(empty.querySelector("td"), backends.length ? "" : "The gateway reports no backends.");
+    }
+
+    var seen = new Set();
+    var ordered = [];
+    backends.forEach(function (b, i) {
+      b = obj(b);
+      var key = str(b.url) || "backend-" + i;
+      if (seen.has(key)) { key = key + "#" + i; }
+      seen.add(key);
+      var r = rows.get(key);
+      if (!r) {
+        r = createRow();
+        rows.set(key, r);
+      }
+      updateRow(r, b, now);
+      ordered.push(r.body);
+    });
+    rows.forEach(function (r, key) {
+      if (!seen.has(key)) {
+        r.body.remove();
+        rows.delete(key);
+      }
+    });
+    var current = Array.from(table.tBodies).filter(function (t) { return !t.hasAttribute("data-empty"); });
+    var same = current.length === ordered.length && current.every(function (t, i) { return t === ordered[i]; });
+    if (!same) {
+      ordered.forEach(function (t) { table.appendChild(t); });
+    }
+  }
+
+  function showState(now) {
+    var banner = document.getElementById("stale");
+    var state = headerField("refresh-state");
+    if (lastFailure) {
+      document.body.dataset.state = "stale";
+      banner.hidden = false;
+      var text = lastFailure.reason + " (since " + fmtClock(lastFailure.since) + "). ";
+      text += lastOk ? "Showing the last data received, " + fmtAgo(lastOk, now) + "; retrying every 2 s."
+                     : "No data received yet; retrying every 2 s.";
+      setText(headerField("stale-reason"), text);
+      setText(state, lastOk ? "stale \u00b7 last data " + fmtAgo(lastOk, now) : "unreachable");
+      if (document.title.indexOf("stale") < 0) { document.title = "stale \u00b7 " + document.title; }
+    } else {
+      document.body.dataset.state = lastOk ? "live" : "loading";
+      banner.hidden = true;
+      setText(state, lastOk ? "live \u00b7 every 2 s" : "connecting\u2026");
+    }
+  }
+
+  function fetchHealth() {
+    var controller = typeof AbortController === "function" ? new AbortController() : null;
+    var timer = controller ? setTimeout(function () { controller.abort(); }, TIMEOUT_MS) : null;
+    return fetch(HEALTH_URL, {
+      cache: "no-store",
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+      signal: controller ? controller.signal : undefined
+    }).then(function (response) {
+      // 503 still carries a /health document on some gateways: use it when it parses.
+      return response.json().catch(function () {
+        throw new Error("HTTP " + response.status + " from health (not JSON)");
+      }).then(function (doc) {
+        if (!isObj(doc) || !Array.isArray(doc.backends)) {
+          throw new Error("HTTP " + response.status + ": health answered without a backends list");
+        }
+        return doc;
+      });
+    }, function (error) {
+      throw new Error(error && error.name === "AbortError" ? "no answer from health within " + TIMEOUT_MS / 1000 + " s"
+                                                           : "health request failed (" + (error && error.message || error) + ")");
+    }).finally(function () {
+      if (timer) { clearTimeout(timer); }
+    });
+  }
+
+  function tick() {
+    fetchHealth().then(function (doc) {
+      var now = new Date();
+      render(doc, now, now);
+      lastOk = now;
+      lastDoc = doc;
+      lastFailure = null;
+      showState(now);
+    }).catch(function (error) {
+      var now = new Date();
+      if (!lastFailure) { lastFailure = { since: now, reason: "" }; }
+      lastFailure.reason = String(error && error.message || error);
+      if (lastDoc) {
+        try { render(lastDoc, now, lastOk); } catch (ignored) { /* it rendered before; keep what is shown */ }
+      }
+      showState(now);
+    }).finally(function () {
+      setTimeout(tick, INTERVAL_MS);
+    });
+  }
+
+  function start() {
+    table = document.querySelector("table.nodes");
+    tick();
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+})();
