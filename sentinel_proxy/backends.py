@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import random as _random
+from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Tuple, Union
@@ -126,6 +127,10 @@ class Backend:
     #: Why the node gets no traffic although it is healthy: reason kind -> explanation.
     quarantine: dict[str, str] = field(default_factory=dict)
     latency: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
+    #: Latencies (ms) of recent successful requests: the hedge delay is their p95.
+    answer_latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
+    breaker: scoring.CircuitBreaker = field(default_factory=lambda: scoring.CircuitBreaker(scoring.BreakerPolicy()),
+                                            repr=False)
     total_requests: int = 0
     total_errors: int = 0
     priority: int = 0
@@ -164,6 +169,13 @@ class Backend:
             return "quarantined"
         return "preferred" if self.trusted else "fallback"
 
+    def p95_latency(self, minimum_samples: int = 20) -> float | None:
+        """p95 of recent answer latencies in ms, once there are enough samples to mean something."""
+        if len(self.answer_latency) < minimum_samples:
+            return None
+        ordered = sorted(self.answer_latency)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
     def keeps(self, block: int | None) -> bool:
         """Whether the node can answer about ``block`` (unknown depth counts as yes)."""
         return block is None or self.oldest_block is None or self.oldest_block <= block
@@ -191,7 +203,11 @@ class BackendPool:
                  max_block_lag: int = 10):
         self._random = random
         self._max_lag = max_block_lag
+        self._breaker_policy = scoring.BreakerPolicy()
+        #: Called with (backend, new state) on every breaker transition: metrics and logs.
+        self.on_breaker_change: Callable[[Backend, str], None] | None = None
         self.backends: tuple[Backend, ...] = tuple(_backend(entry) for entry in urls)
+        self.set_breaker_policy(self._breaker_policy)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._falling_back: set[str] = set()
         self._rebuild()
@@ -201,6 +217,7 @@ class BackendPool:
         current = {b.url: b for b in self.backends}
         fresh = [_backend(entry) for entry in entries]
         self.backends = tuple(current.get(b.url) or b for b in fresh)
+        self.set_breaker_policy(self._breaker_policy)
         self.reassess()
 
     def _rebuild(self) -> None:
@@ -224,17 +241,46 @@ class BackendPool:
         preferred, fallback = self._tiers[route]
         return preferred or fallback
 
-    def pick(self, route: str, block: int | None = None) -> Pick:
-        """The prototype's weighted random choice, among trusted nodes first, that keep ``block``."""
-        for tier, reason in zip(self._tiers[route], (None, "integrity")):
-            candidates = tier if block is None else [b for b in tier if b.keeps(block)]
+    def pick(self, route: str, block: int | None = None, exclude: Iterable[Backend] = (),
+             now: float = 0.0) -> Pick:
+        """The prototype's weighted random choice among trusted nodes first, skipping nodes already
+        tried, nodes whose breaker is open, and nodes that no longer keep ``block``."""
+        skip = set(exclude)
+        preferred, fallback = self._tiers[route]
+        for tier, reason in ((preferred, None), (fallback, "integrity")):
+            candidates = [b for b in tier if b not in skip and b.keeps(block) and b.breaker.available(now)]
             if candidates:
-                if len(candidates) == 1:
-                    return Pick(candidates[0], reason)
-                chosen = scoring.weighted_choice(
-                    candidates, scoring.weights([b.priority for b in candidates]), self._random)
-                return Pick(chosen, reason)
-        return Pick(None)
+                return Pick(self._choose(candidates), reason)
+        # Every candidate's breaker is open: a blip that tripped them all must not become an outage
+        # until the cool-downs pass, so try them anyway (and say so).
+        candidates = [b for b in preferred + fallback if b not in skip and b.keeps(block)]
+        return Pick(self._choose(candidates), "breaker") if candidates else Pick(None)
+
+    def _choose(self, candidates: list[Backend]) -> Backend:
+        if len(candidates) == 1:
+            return candidates[0]
+        return scoring.weighted_choice(candidates, scoring.weights([b.priority for b in candidates]), self._random)
+
+    def set_max_lag(self, max_block_lag: int) -> None:
+        self._max_lag = max_block_lag
+        self.reassess()
+
+    def set_breaker_policy(self, policy: scoring.BreakerPolicy) -> None:
+        self._breaker_policy = policy
+        for backend in self.backends:
+            backend.breaker.policy = policy
+            backend.breaker.on_change = partial(self._breaker_changed, backend)
+
+    def _breaker_changed(self, backend: Backend, state: str) -> None:
+        if self.on_breaker_change is not None:
+            self.on_breaker_change(backend, state)
+
+    def hedge_delay(self, route: str) -> float | None:
+        """The lowest p95 latency (ms) among the route's nodes: if the first node has not answered
+        by the time the fastest node usually has, a hedge is worth sending."""
+        preferred, fallback = self._tiers[route]
+        latencies = [p for p in (b.p95_latency() for b in preferred + fallback) if p is not None]
+        return min(latencies) if latencies else None
 
     def history_floor(self, route: str) -> int | None:
         """The oldest block some eligible node of the route keeps (0 when one keeps all or does not say)."""

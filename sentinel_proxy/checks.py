@@ -63,6 +63,14 @@ class PeriodicCheck(TimerService):
     def targets(self) -> Iterable[Backend]:
         return self._pool.backends
 
+    def configure(self, interval: float, timeout: float) -> None:
+        """New interval and timeout (SIGHUP): the running loop picks the interval up at its next turn."""
+        self.step = interval
+        self._timeout = timeout
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.interval = interval
+
     async def check(self, backend: Backend) -> bool:
         """Check one backend and record the result; True when the check succeeded."""
         raise NotImplementedError
@@ -178,6 +186,11 @@ class IntegrityService(PeriodicCheck):
         super().__init__(pool, upstream, interval, timeout, clock, metrics)
         self._params = params
         self._runner = runner
+
+    def configure(self, interval: float, timeout: float, params: IntegrityParams | None = None) -> None:
+        super().configure(interval, timeout)
+        if params is not None:
+            self._params = params
 
     def targets(self) -> Iterable[Backend]:
         # Unchecked backends are included so the first round, which runs together with the first

@@ -155,7 +155,34 @@ SPECS: tuple[Spec, ...] = (
     Spec("backends", "SENTINEL_BACKENDS", None, _backends,
          "comma-separated Aztec node URLs, each optionally named as name=URL (required unless --demo)"),
     Spec("request_timeout_ms", "REQUEST_TIMEOUT_MS", "30000", _integer(1),
-         "deadline of a proxied request and of each check call, in ms"),
+         "overall deadline of a proxied request (all attempts) and of each check call, in ms"),
+    Spec("connect_timeout_ms", "CONNECT_TIMEOUT_MS", "2000", _integer(1),
+         "deadline to open a connection to a node, in ms (a refused or silent port fails over fast)"),
+    Spec("attempt_timeout_ms", "ATTEMPT_TIMEOUT_MS", "10000", _integer(1),
+         "deadline of one attempt at one node, in ms: a node that accepts and never answers costs at most this"),
+    Spec("max_attempts", "MAX_ATTEMPTS", "3", _integer(1),
+         "nodes tried per request (failover), never the same node twice, within REQUEST_TIMEOUT_MS"),
+    Spec("hedge", "HEDGE", "off", _switch,
+         "hedged reads: if the first node is slow, ask a second one and take the first good answer"),
+    Spec("hedge_delay_ms", "HEDGE_DELAY_MS", "0", _integer(0),
+         "when to send the hedge, in ms; 0 = adaptive, the fastest node's p95 latency"),
+    Spec("breaker_consecutive_failures", "BREAKER_CONSECUTIVE_FAILURES", "5", _integer(1),
+         "failures in a row that open a node's circuit breaker"),
+    Spec("breaker_window", "BREAKER_WINDOW", "80", _integer(1), "calls in the breaker's sliding window"),
+    Spec("breaker_window_failures", "BREAKER_WINDOW_FAILURES", "20", _integer(1),
+         "failures within the window that open the breaker"),
+    Spec("breaker_cooldown_ms", "BREAKER_COOLDOWN_MS", "5000", _integer(1),
+         "how long an open breaker keeps a node out before probing it, in ms"),
+    Spec("breaker_close_successes", "BREAKER_CLOSE_SUCCESSES", "8", _integer(1),
+         "successful probes in a row that close the breaker again"),
+    Spec("max_in_flight", "MAX_IN_FLIGHT", "1024", _integer(1),
+         "requests handled at once; beyond it callers get a fast 503 with Retry-After instead of a queue"),
+    Spec("max_response_bytes", "MAX_RESPONSE_BYTES", "33554432", _integer(1),
+         "largest answer accepted from a node, in bytes; a larger one is cut off and the caller gets a 502"),
+    Spec("client_idle_timeout_ms", "CLIENT_IDLE_TIMEOUT_MS", "60000", _integer(1),
+         "a client connection that sends nothing for this long is closed, in ms"),
+    Spec("shutdown_grace_ms", "SHUTDOWN_GRACE_MS", "10000", _integer(0),
+         "on SIGTERM, how long requests in flight may take to finish, in ms"),
     Spec("health_check_interval_ms", "HEALTH_CHECK_INTERVAL_MS", "30000", _integer(1),
          "readiness check interval, in ms"),
     Spec("integrity_check_interval_ms", "INTEGRITY_CHECK_INTERVAL_MS", "60000", _integer(1),
@@ -205,6 +232,20 @@ class Settings:
     access_log: bool
     backends: tuple[tuple[str, str], ...]
     request_timeout_ms: int
+    connect_timeout_ms: int
+    attempt_timeout_ms: int
+    max_attempts: int
+    hedge: bool
+    hedge_delay_ms: int
+    breaker_consecutive_failures: int
+    breaker_window: int
+    breaker_window_failures: int
+    breaker_cooldown_ms: int
+    breaker_close_successes: int
+    max_in_flight: int
+    max_response_bytes: int
+    client_idle_timeout_ms: int
+    shutdown_grace_ms: int
     health_check_interval_ms: int
     integrity_check_interval_ms: int
     integrity_check_epochs: int

@@ -37,6 +37,8 @@ class DemoNodesService(Service):
         self._settings = settings
         self._reactor = reactor
         self.ports: list[IListeningPort] = []
+        #: (name, URL) of the simulated nodes, kept across reloads of SENTINEL_BACKENDS.
+        self.entries: list[tuple[str, str]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -49,6 +51,7 @@ class DemoNodesService(Service):
             url = f"http://127.0.0.1:{port.getHost().port}"
             urls.append((f"demo-{name}", url))
             log.info("demo: simulated {scenario} node at {url}", scenario=name, url=url)
+        self.entries = urls
         self._pool.replace(list(self._settings.backends) + urls)
 
     def stopService(self) -> Any:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -20,7 +22,7 @@ from .backends import Backend, BackendPool
 from .logs import observer
 from .metrics import NO_BACKEND, Metrics
 from .status import RequestTotals
-from .upstream import UpstreamClient, UpstreamError
+from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = Logger(observer=observer)
 #: One line per proxied request, in its own namespace so shippers and LOG_LEVEL can single it out.
@@ -120,31 +122,107 @@ def _looks_like_json(body: bytes, encoding: bytes | None, is_batch: bool) -> boo
         (text[:1], text[-1:]) == (b"{", b"}")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The request path's bounds and resilience settings (docs/failure-handling.md)."""
+
+    max_batch: int = 100
+    max_body: int = 1 << 20
+    #: Overall deadline of a request, all attempts included (REQUEST_TIMEOUT_MS).
+    timeout: float = 30.0
+    attempt_timeout: float = 10.0
+    max_attempts: int = 3
+    hedge: bool = False
+    #: Seconds before the hedge goes out; 0 = the first node's p95 latency.
+    hedge_delay: float = 0.0
+    max_in_flight: int = 1024
+
+
+#: Hedge delay while a node has too few answers for a p95.
+DEFAULT_HEDGE_DELAY = 0.05
+#: Attempt failures after which another node may get the same call (when it is safe to repeat).
+_RETRYABLE = frozenset({"timeout", "connect", "transport", "bad_answer"})
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call of one node: a usable answer (``kind`` "ok"), or why not."""
+
+    backend: Backend
+    kind: str
+    message: str = ""
+    answer: UpstreamResponse | None = None
+    body: bytes = b""
+    encoding: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one request sends, wherever it goes."""
+
+    route: str
+    parsed: jsonrpc.ParsedRequest
+    body: bytes
+    headers: Headers
+    request_id: str
+    block: int | None
+    safe: bool
+    deadline: float
+
+
+def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """A Deferred with ``deferred``'s result whose cancellation leaves ``deferred`` running,
+    so a race can be lost by a waiter without cancelling the call it waits for."""
+    shield: defer.Deferred[Any] = defer.Deferred()
+
+    def forward(result: Any) -> Any:
+        if not shield.called:
+            shield.callback(result)
+        return result
+
+    deferred.addBoth(forward)
+    return shield
+
+
 class Forwarder:
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, clock: IReactorTime,
-                 max_batch_size: int, max_body_bytes: int, timeout: float, access_log: bool = True):
+                 limits: Limits, access_log: bool = True):
         self._pool = pool
         self._upstream = upstream
         self._metrics = metrics
         self._clock = clock
-        self._max_batch = max_batch_size
-        self._max_body = max_body_bytes
-        self._timeout = timeout
+        self._limits = limits
         self._access_log = access_log
         self.totals = RequestTotals()
+        self.in_flight = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def configure(self, limits: Limits, access_log: bool) -> None:
+        """New limits (SIGHUP); requests in flight finish under the old ones."""
+        self._limits = limits
+        self._access_log = access_log
+
+    def drained(self) -> defer.Deferred[None]:
+        """Fires once no request is in flight: graceful shutdown waits on it."""
+        if self.in_flight == 0:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     async def handle(self, route: str, body: bytes, headers: Headers, body_too_large: bool = False,
                      caller: Caller = Caller("-")) -> Reply:
         started = self._clock.seconds()
-        self._metrics.in_flight.inc()
-        try:
-            reply = await self._handle(route, body, headers, body_too_large, caller.request_id)
-        except Exception:  # the prototype's panic recovery: one broken request, not a broken daemon
-            log.failure("request {request_id} on {route} failed inside the gateway",
-                        request_id=caller.request_id, route=route)
-            reply = error_reply(500, jsonrpc.INTERNAL_ERROR, "Internal gateway error", outcome="upstream_error")
-        finally:
-            self._metrics.in_flight.dec()
+        if self.in_flight >= self._limits.max_in_flight:
+            reply = error_reply(503, jsonrpc.OVERLOADED,
+                                f"Gateway overloaded: {self.in_flight} requests in flight; retry shortly")
+            reply.headers.append((b"retry-after", b"1"))
+        else:
+            reply = await self._counted(route, body, headers, body_too_large, caller)
         elapsed = self._clock.seconds() - started
         backend = reply.backend
         self.totals.record(reply.status)
@@ -166,28 +244,41 @@ class Forwarder:
                 status=reply.status, outcome=reply.outcome, duration_ms=elapsed * 1000.0, attempts=reply.attempts)
         return reply
 
+    async def _counted(self, route: str, body: bytes, headers: Headers, body_too_large: bool,
+                       caller: Caller) -> Reply:
+        self.in_flight += 1
+        self._metrics.in_flight.inc()
+        try:
+            return await self._handle(route, body, headers, body_too_large, caller.request_id)
+        except defer.CancelledError:
+            raise  # the caller went away (Klein cancels the handler): its upstream call is cancelled too
+        except Exception:  # the prototype's panic recovery: one broken request, not a broken daemon
+            log.failure("request {request_id} on {route} failed inside the gateway",
+                        request_id=caller.request_id, route=route)
+            return error_reply(500, jsonrpc.INTERNAL_ERROR, "Internal gateway error", outcome="upstream_error")
+        finally:
+            self.in_flight -= 1
+            self._metrics.in_flight.dec()
+            if self.in_flight == 0:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
     async def _handle(self, route: str, body: bytes, headers: Headers, body_too_large: bool,
                       request_id: str) -> Reply:
+        limits = self._limits
         if _media_type(headers.getRawHeaders(b"content-type", [None])[0]) != b"application/json":
             return error_reply(400, jsonrpc.INVALID_REQUEST, "Content-Type must be application/json")
         if body_too_large:
-            return error_reply(413, jsonrpc.INVALID_REQUEST, f"Request body exceeds {self._max_body} bytes")
+            return error_reply(413, jsonrpc.INVALID_REQUEST, f"Request body exceeds {limits.max_body} bytes")
         content_encoding = headers.getRawHeaders(b"content-encoding", [None])[0]
         try:
-            parsed = jsonrpc.parse_request(decode_body(body, content_encoding, self._max_body), self._max_batch)
+            parsed = jsonrpc.parse_request(decode_body(body, content_encoding, limits.max_body), limits.max_batch)
             parsed = self._refuse_unavailable(route, parsed)
         except jsonrpc.RequestError as refusal:
             return Reply(refusal.http_status, refusal.body())
         if not parsed.calls:
             return Reply(200, jsonrpc.encode(jsonrpc.merge_batch(parsed, [])), batch=parsed.size)
-
-        methods, batch = parsed.methods, parsed.size if parsed.is_batch else None
-        pick = self._pool.pick(route, routing.oldest_needed(parsed.calls))
-        backend = pick.backend
-        if backend is None:
-            reply = error_reply(503, jsonrpc.NO_BACKEND, f"No healthy node available for {route}")
-            reply.methods, reply.batch = methods, batch
-            return reply
 
         upstream_headers = Headers()
         for name in _FORWARD_REQUEST_HEADERS:
@@ -200,39 +291,134 @@ class Forwarder:
             body = jsonrpc.encode([call.request for call in parsed.calls])
             upstream_headers.removeHeader(b"content-encoding")
             upstream_headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        plan = Plan(route, parsed, body, upstream_headers, request_id, routing.oldest_needed(parsed.calls),
+                    jsonrpc.safe_to_repeat(parsed.calls), self._clock.seconds() + limits.timeout)
+        reply = await self._forward(plan)
+        reply.methods, reply.batch = parsed.methods, parsed.size if parsed.is_batch else None
+        return reply
 
+    async def _forward(self, plan: Plan) -> Reply:
+        """Failover: the next-best node after a transport error, timeout, 5xx or garbage, never the
+        same node twice, within MAX_ATTEMPTS and the overall deadline; a call that is not safe to
+        repeat goes to a second node only when the first provably never received it."""
+        limits = self._limits
+        tried: list[Backend] = []
+        failure: Attempt | None = None
+        while len(tried) < limits.max_attempts:
+            now = self._clock.seconds()
+            remaining = plan.deadline - now
+            if remaining <= 0:
+                break
+            pick = self._pool.pick(plan.route, plan.block, tried, now)
+            if pick.backend is None:
+                break
+            if failure is not None:
+                self._metrics.failovers.labels(plan.route).inc()
+                log.info("request {request_id}: failing over from {failed} ({reason}) to {backend}",
+                         request_id=plan.request_id, failed=failure.backend.name, reason=failure.message,
+                         backend=pick.backend.name)
+            tried.append(pick.backend)
+            if limits.hedge and plan.safe and len(tried) < limits.max_attempts:
+                result = await self._hedged(plan, pick.backend, tried)
+            else:
+                result = await self._attempt(plan, pick.backend, min(limits.attempt_timeout, remaining))
+            if result.ok:
+                return self._answer(plan, result, pick.fallback, len(tried))
+            failure = result
+            if result.kind not in _RETRYABLE or not (plan.safe or result.kind == "connect"):
+                break
+        if failure is None:
+            return error_reply(503, jsonrpc.NO_BACKEND, f"No healthy node available for {plan.route}")
+        timeout = failure.kind == "timeout"
+        reply = error_reply(502, jsonrpc.UPSTREAM_TIMEOUT if timeout else jsonrpc.UPSTREAM_FAILED,
+                            f"Upstream node failed: {failure.message}", "timeout" if timeout else "upstream_error",
+                            failure.backend)
+        reply.attempts = len(tried)
+        return reply
+
+    async def _hedged(self, plan: Plan, first_backend: Backend, tried: list[Backend]) -> Attempt:
+        """Ask a second node when the first is slower than usual; the first good answer wins."""
+        limits = self._limits
+        now = self._clock.seconds()
+        first = defer.Deferred.fromCoroutine(
+            self._attempt(plan, first_backend, min(limits.attempt_timeout, plan.deadline - now)))
+        delay = limits.hedge_delay or (self._pool.hedge_delay(plan.route) or DEFAULT_HEDGE_DELAY * 1000.0) / 1000.0
+        index, result = await defer.race([_shield(first), task.deferLater(self._clock, delay, lambda: None)])
+        if index == 0:
+            return result
+        now = self._clock.seconds()
+        second_backend = self._pool.pick(plan.route, plan.block, tried, now).backend
+        if second_backend is None:
+            return await first
+        tried.append(second_backend)
+        self._metrics.hedges.labels(plan.route).inc()
+        second = defer.Deferred.fromCoroutine(
+            self._attempt(plan, second_backend, min(limits.attempt_timeout, plan.deadline - now)))
+        return await self._first_good([first, second])
+
+    @staticmethod
+    async def _first_good(attempts: list[defer.Deferred[Attempt]]) -> Attempt:
+        pending = list(attempts)
+        last: Attempt | None = None
+        while pending:
+            index, result = await defer.race([_shield(d) for d in pending])
+            pending.pop(index)
+            if result.ok:
+                for loser in pending:  # cancelling closes its connection; its outcome no longer matters
+                    loser.addErrback(lambda f: f.trap(defer.CancelledError))
+                    loser.cancel()
+                return result
+            last = result
+        assert last is not None
+        return last
+
+    async def _attempt(self, plan: Plan, backend: Backend, timeout: float) -> Attempt:
+        breaker = backend.breaker
+        breaker.begin()
+        started = self._clock.seconds()
         try:
-            answer = await self._upstream.post(backend, body, upstream_headers, self._timeout)
+            answer = await self._upstream.post(backend, plan.body, plan.headers.copy(), timeout)
         except UpstreamError as failure:
-            log.warn("request {request_id} to {backend} failed: {reason}", request_id=request_id,
+            result = Attempt(backend, failure.kind, str(failure))
+            log.warn("request {request_id} to {backend} failed: {reason}", request_id=plan.request_id,
                      backend=backend.name, reason=str(failure))
-            self._metrics.observe_attempt(backend.label, failure.kind)
-            timeout = failure.kind == "timeout"
-            reply = error_reply(502, jsonrpc.UPSTREAM_TIMEOUT if timeout else jsonrpc.UPSTREAM_FAILED,
-                                f"Upstream node failed: {failure}", "timeout" if timeout else "upstream_error", backend)
-            reply.methods, reply.batch = methods, batch
-            return reply
+        except defer.CancelledError:
+            breaker.abandon()
+            raise
+        else:
+            result = self._judge(plan, backend, answer)
+        now = self._clock.seconds()
+        self._metrics.observe_attempt(backend.label, result.kind)
+        if result.ok:
+            backend.answer_latency.append((now - started) * 1000.0)
+        if result.kind == "too_large":
+            breaker.abandon()  # the caller asked for too much: no sign of a failing node
+        else:
+            breaker.record(result.ok, now)
+        return result
 
+    def _judge(self, plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
+        """A 5xx or garbage is the node failing; anything else, JSON-RPC errors included, is an answer."""
         encoding = answer.headers.getRawHeaders(b"content-encoding", [None])[0]
+        parsed = plan.parsed
         usable = answer.code < 500 and _looks_like_json(answer.body, encoding, parsed.is_batch)
-        reply_body = self._merge(parsed, answer.body) if usable and parsed.refused else answer.body
-        if not usable or reply_body is None:
+        body = self._merge(parsed, answer.body) if usable and parsed.refused else answer.body
+        if not usable or body is None:
             log.warn("request {request_id}: {backend} answered HTTP {code} with an unusable body",
-                     request_id=request_id, backend=backend.name, code=answer.code)
-            self._metrics.observe_attempt(backend.label, "bad_answer")
-            reply = error_reply(502, jsonrpc.UPSTREAM_FAILED,
-                                f"Upstream node answered HTTP {answer.code} with an unusable body",
-                                "upstream_error", backend)
-            reply.methods, reply.batch = methods, batch
-            return reply
-        self._metrics.observe_attempt(backend.label, "ok")
+                     request_id=plan.request_id, backend=backend.name, code=answer.code)
+            return Attempt(backend, "bad_answer", f"HTTP {answer.code} with an unusable body")
+        return Attempt(backend, "ok", answer=answer, body=body, encoding=encoding)
 
-        reply_headers = [(name, value) for name, values in answer.headers.getAllRawHeaders()
-                         if name.lower() not in _DROP_RESPONSE_HEADERS for value in values]
-        if pick.fallback is not None:
-            reply_headers.append((b"x-sentinel-fallback", pick.fallback.encode()))
-        return Reply(answer.code, reply_body, reply_headers, backend, _answer_outcome(answer.code, reply_body, encoding),
-                     1, methods, batch)
+    @staticmethod
+    def _answer(plan: Plan, result: Attempt, fallback: str | None, attempts: int) -> Reply:
+        answer = result.answer
+        assert answer is not None
+        headers = [(name, value) for name, values in answer.headers.getAllRawHeaders()
+                   if name.lower() not in _DROP_RESPONSE_HEADERS for value in values]
+        if fallback is not None:
+            headers.append((b"x-sentinel-fallback", fallback.encode()))
+        return Reply(answer.code, result.body, headers, result.backend,
+                     _answer_outcome(answer.code, result.body, result.encoding), attempts)
 
     def _refuse_unavailable(self, route: str, parsed: jsonrpc.ParsedRequest) -> jsonrpc.ParsedRequest:
         """Answer calls about blocks no eligible node keeps with a clear error, not a node's failure."""
@@ -261,4 +447,3 @@ class Forwarder:
         if not isinstance(items, list) or len(items) != len(parsed.calls):
             return None
         return jsonrpc.encode(jsonrpc.merge_batch(parsed, items))
-

@@ -23,8 +23,12 @@ UPSTREAM_TIMEOUT = -32003
 #: Gateway-defined: the call reads at a block no healthy node keeps any more (HTTP 400, like a
 #: node's own failure, so that clients do not retry it as an outage).
 BLOCK_UNAVAILABLE = -32004
+#: Gateway-defined: too many requests in flight (HTTP 503 with Retry-After).
+OVERLOADED = -32005
 
 ALLOWED_PREFIXES = ("node_", "p2p_")
+#: Calls with effects (writes): sent to a second node only if the first provably never got them.
+UNSAFE_METHODS = frozenset({"node_sendTx"})
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
@@ -137,6 +141,10 @@ def parse_request(body: bytes, max_batch: int) -> ParsedRequest:
     if error is not None:
         raise RequestError(error["error"]["code"], error["error"]["message"], error["id"])
     return ParsedRequest(False, (Call(0, method, document),), {})
+
+
+def safe_to_repeat(calls: tuple[Call, ...]) -> bool:
+    return not any(call.method in UNSAFE_METHODS for call in calls)
 
 
 def merge_batch(parsed: ParsedRequest, upstream_items: list[Any]) -> list[Any]:

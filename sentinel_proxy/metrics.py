@@ -53,6 +53,7 @@ INTEGRITY_STATUSES = ("perfect", "good", "bad", "unverified")
 ROUTING_STATES = ("preferred", "fallback", "quarantined", "down")
 QUARANTINE_REASONS = ("lag", "chain")
 NODE_TYPES = ("archiver", "pruned")
+BREAKER_STATES = ("closed", "open", "half-open")
 BATCH_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
 
 
@@ -82,6 +83,8 @@ class PoolCollector(Collector):
         node_type = family("sentinel_proxy_backend_node_type", "1 for the node's type", ("url", "type"))
         routing = family("sentinel_proxy_backend_routing", "1 for how the request path treats the node",
                          ("url", "state"))
+        breaker = family("sentinel_proxy_backend_breaker_state", "1 for the node's circuit breaker state",
+                         ("url", "state"))
         quarantine = family("sentinel_proxy_backend_quarantined", "1 when the node is quarantined for that reason",
                             ("url", "reason"))
         for backend in self._pool.backends:
@@ -99,9 +102,11 @@ class PoolCollector(Collector):
                 node_type.add_metric([url, value], 1.0 if backend.node_type == value else 0.0)
             for value in ROUTING_STATES:
                 routing.add_metric([url, value], 1.0 if backend.routing == value else 0.0)
+            for value in BREAKER_STATES:
+                breaker.add_metric([url, value], 1.0 if backend.breaker.state == value else 0.0)
             for value in QUARANTINE_REASONS:
                 quarantine.add_metric([url, value], 1.0 if value in backend.quarantine else 0.0)
-        yield from (health, score, block, lag, oldest, priority, status, node_type, routing, quarantine)
+        yield from (health, score, block, lag, oldest, priority, status, node_type, routing, quarantine, breaker)
 
 
 class Metrics:
@@ -131,6 +136,12 @@ class Metrics:
         self.in_flight = Gauge("sentinel_proxy_in_flight_requests", "RPC requests being handled", registry=r)
         self.upstream_attempts = Counter("sentinel_proxy_upstream_attempts", "Requests sent to nodes by result",
                                          ["backend", "result"], registry=r)
+        self.failovers = Counter("sentinel_proxy_failovers", "Requests sent on to another node after a failure",
+                                 ["route"], registry=r)
+        self.hedges = Counter("sentinel_proxy_hedges", "Hedged reads: a second node asked because the first was slow",
+                              ["route"], registry=r)
+        self.breaker_transitions = Counter("sentinel_proxy_breaker_transitions",
+                                           "Circuit breaker state changes", ["backend", "state"], registry=r)
         self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
                                         ["check", "backend"], registry=r)
         self.check_failures = Counter("sentinel_proxy_check_failures", "Failed health and integrity checks",
@@ -142,6 +153,8 @@ class Metrics:
     def _preset(self) -> None:
         """Create every route/outcome series up front, so rate() and alerts see zeros, not gaps."""
         for route in ROUTES:
+            self.failovers.labels(route)
+            self.hedges.labels(route)
             for outcome in OUTCOMES:
                 self.rpc_requests.labels(route, outcome)
                 self.rpc_duration.labels(route, outcome)

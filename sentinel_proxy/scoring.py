@@ -5,7 +5,8 @@ example without any state.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -78,3 +79,96 @@ def majority(values: Iterable[H]) -> H | None:
     if len(counts) == 2 and counts[0][1] == counts[1][1]:
         return None
     return counts[0][0]
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a node's breaker opens and closes (eRPC's defaults: 20 failures in 80 calls, 8 to close)."""
+
+    consecutive_failures: int = 5
+    window: int = 80
+    window_failures: int = 20
+    cooldown: float = 5.0
+    close_after: int = 8
+
+
+class CircuitBreaker:
+    """Passive outlier ejection fed by real traffic: pure state, the caller passes the time.
+
+    Closed: every outcome goes into a sliding window; ``consecutive_failures`` in a row, or
+    ``window_failures`` within the last ``window`` outcomes, open it at once. Open: no traffic
+    until ``cooldown`` has passed. Half-open: one probe at a time; ``close_after`` successes in a
+    row close it, one failure opens it again for another cool-down.
+    """
+
+    __slots__ = ("policy", "state", "opened_at", "_outcomes", "_failures", "_streak", "_probing", "_successes",
+                 "transitions", "on_change")
+
+    def __init__(self, policy: BreakerPolicy, on_change: Callable[[str], None] | None = None):
+        self.policy = policy
+        #: Told of every state change, including open -> half-open, which happens on a look-up.
+        self.on_change = on_change
+        self.state = CLOSED
+        self.opened_at = 0.0
+        self._outcomes: deque[bool] = deque(maxlen=policy.window)
+        self._failures = 0
+        self._streak = 0
+        self._probing = False
+        self._successes = 0
+        #: (time, new state) of the recent transitions, newest last, for /health.
+        self.transitions: deque[tuple[float, str]] = deque(maxlen=10)
+
+    def _move(self, state: str, now: float) -> None:
+        self.state = state
+        self.transitions.append((now, state))
+        if state == OPEN:
+            self.opened_at = now
+        self._probing = False
+        self._successes = 0
+        if state == CLOSED:
+            self._outcomes.clear()
+            self._failures = 0
+            self._streak = 0
+        if self.on_change is not None:
+            self.on_change(state)
+
+    def available(self, now: float) -> bool:
+        """Whether a call may go to the node now (moving open -> half-open after the cool-down)."""
+        if self.state == OPEN and now - self.opened_at >= self.policy.cooldown:
+            self._move(HALF_OPEN, now)
+        if self.state == HALF_OPEN:
+            return not self._probing
+        return self.state == CLOSED
+
+    def begin(self) -> None:
+        """A call is going out; in half-open it is the one probe."""
+        if self.state == HALF_OPEN:
+            self._probing = True
+
+    def abandon(self) -> None:
+        """A call was cancelled (it lost a hedge race): no outcome, but the probe slot is free again."""
+        self._probing = False
+
+    def record(self, ok: bool, now: float) -> str | None:
+        """Feed one outcome; returns the new state when it changed."""
+        before = self.state
+        if self.state == HALF_OPEN:
+            self._probing = False
+            if not ok:
+                self._move(OPEN, now)
+            else:
+                self._successes += 1
+                if self._successes >= self.policy.close_after:
+                    self._move(CLOSED, now)
+        elif self.state == CLOSED:
+            if len(self._outcomes) == self._outcomes.maxlen and not self._outcomes[0]:
+                self._failures -= 1
+            self._outcomes.append(ok)
+            self._streak = 0 if ok else self._streak + 1
+            self._failures += 0 if ok else 1
+            if self._streak >= self.policy.consecutive_failures or self._failures >= self.policy.window_failures:
+                self._move(OPEN, now)
+        return self.state if self.state != before else None

@@ -69,6 +69,10 @@ def backend_document(backend: Backend) -> dict[str, Any]:
         "quarantine": dict(backend.quarantine),
         "lag": backend.lag,
         "oldestBlock": backend.oldest_block,
+        "breaker": {
+            "state": backend.breaker.state,
+            "transitions": [{"at": rfc3339(at), "state": state} for at, state in backend.breaker.transitions],
+        },
         "chain": ({"l1ChainId": backend.chain[0], "rollupVersion": backend.chain[1]}
                   if backend.chain else None),
     }

@@ -6,6 +6,8 @@ and is what tests call with their own reactor and settings.
 """
 from __future__ import annotations
 
+import signal
+from dataclasses import fields, replace
 from functools import partial
 from typing import Any
 
@@ -21,9 +23,10 @@ from . import logs
 from .backends import BackendPool
 from .checks import HealthService, IntegrityService
 from .config import SPECS, ConfigError, Settings, load_settings
-from .forwarder import Forwarder
+from .forwarder import Forwarder, Limits
 from .integrity import IntegrityParams
 from .metrics import Metrics
+from .scoring import BreakerPolicy
 from .upstream import UpstreamClient
 
 log = Logger(observer=logs.observer)
@@ -92,10 +95,36 @@ class UpstreamService(Service):
         return self.upstream.close()
 
 
+#: Settings a SIGHUP applies to the running gateway; the rest (listening, log format, pools,
+#: body limits, the demo) take a restart, and a reload that changes them says so.
+RELOADABLE = frozenset({
+    "backends", "log_level", "access_log", "request_timeout_ms", "attempt_timeout_ms", "max_attempts", "hedge",
+    "hedge_delay_ms", "breaker_consecutive_failures", "breaker_window", "breaker_window_failures",
+    "breaker_cooldown_ms", "breaker_close_successes", "max_in_flight", "max_block_lag", "max_batch_size",
+    "health_check_interval_ms", "integrity_check_interval_ms", "integrity_check_epochs",
+    "integrity_score_threshold", "slots_per_epoch", "expected_validators", "archiver_threshold_epochs",
+})
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
+                  timeout=settings.request_timeout, attempt_timeout=settings.attempt_timeout_ms / 1000.0,
+                  max_attempts=settings.max_attempts, hedge=settings.hedge,
+                  hedge_delay=settings.hedge_delay_ms / 1000.0, max_in_flight=settings.max_in_flight)
+
+
+def breaker_policy_of(settings: Settings) -> BreakerPolicy:
+    return BreakerPolicy(consecutive_failures=settings.breaker_consecutive_failures, window=settings.breaker_window,
+                         window_failures=settings.breaker_window_failures,
+                         cooldown=settings.breaker_cooldown_ms / 1000.0,
+                         close_after=settings.breaker_close_successes)
+
+
 class GatewayService(MultiService):
     """The whole gateway; its attributes are the parts tests and the demo need to reach."""
 
-    def __init__(self, settings: Settings, reactor: Any):
+    def __init__(self, settings: Settings, reactor: Any, cli: dict[str, str | None] | None = None,
+                 handle_signals: bool = False):
         super().__init__()
         from .web import (  # klein installs the default reactor: import late
             GatewayApp,
@@ -103,35 +132,131 @@ class GatewayService(MultiService):
         )
 
         self.settings = settings
+        self._reactor = reactor
+        self._cli = cli or {}
+        self._handle_signals = handle_signals
         self.pool = BackendPool(settings.backends, max_block_lag=settings.max_block_lag)
+        self.pool.set_breaker_policy(breaker_policy_of(settings))
         self.upstream = UpstreamClient(reactor, settings.upstream_max_connections,
-                                       settings.upstream_idle_timeout_ms / 1000.0)
+                                       settings.upstream_idle_timeout_ms / 1000.0,
+                                       connect_timeout=settings.connect_timeout_ms / 1000.0,
+                                       max_response_bytes=settings.max_response_bytes)
         self.metrics = Metrics(self.pool)
-        self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, settings.max_batch_size,
-                                   settings.max_body_bytes, settings.request_timeout, settings.access_log)
+        self.pool.on_breaker_change = self._breaker_changed
+        self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, limits_of(settings),
+                                   settings.access_log)
         app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor)
 
+        self.demo = None
         if settings.demo:
             from .demo import DemoNodesService
 
-            DemoNodesService(self.pool, settings, reactor).setServiceParent(self)
-        HealthService(self.pool, self.upstream, settings.health_check_interval_ms / 1000.0,
-                      settings.request_timeout, reactor, self.metrics).setServiceParent(self)
-        IntegrityService(self.pool, self.upstream, settings.integrity_check_interval_ms / 1000.0,
-                         settings.request_timeout, reactor, integrity_params(settings),
-                         runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
-                         metrics=self.metrics).setServiceParent(self)
+            self.demo = DemoNodesService(self.pool, settings, reactor)
+            self.demo.setServiceParent(self)
+        self.health = HealthService(self.pool, self.upstream, settings.health_check_interval_ms / 1000.0,
+                                    settings.request_timeout, reactor, self.metrics)
+        self.health.setServiceParent(self)
+        self.integrity = IntegrityService(
+            self.pool, self.upstream, settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
+            reactor, integrity_params(settings),
+            runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()), metrics=self.metrics)
+        self.integrity.setServiceParent(self)
         UpstreamService(self.upstream).setServiceParent(self)
-        self.listener = ListenService(settings.listen, make_site(app.resource(), settings.max_body_bytes), reactor,
-                                      demo=settings.demo)
+        self.site = make_site(app.resource(), settings.max_body_bytes, settings.client_idle_timeout_ms / 1000.0)
+        self.listener = ListenService(settings.listen, self.site, reactor, demo=settings.demo)
         self.listener.setServiceParent(self)
 
+    def _breaker_changed(self, backend: Any, state: str) -> None:
+        self.metrics.breaker_transitions.labels(backend.label, state).inc()
+        (log.warn if state == "open" else log.info)("circuit breaker of {backend} is now {state}",
+                                                     backend=backend.name, state=state)
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd the parent is the Application: hand it the JSON observer when asked for."""
         super().setServiceParent(parent)
         if self.settings.log_format == "json" and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, logs.json_observer())
+
+    def startService(self) -> None:
+        super().startService()
+        if self._handle_signals:
+            self._reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: drain and exit 0 (twistd's own handler re-raises the signal, so the
+        process would end "killed by SIGTERM"); SIGHUP: reload the configuration."""
+        def stop(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self._begin_shutdown, signal.Signals(signum).name)
+
+        def reload(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _begin_shutdown(self, name: str) -> None:
+        log.info("received {signal}: closing the listener and draining {count} requests in flight",
+                 signal=name, count=self.forwarder.in_flight)
+        self._reactor.stop()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        """Graceful: no new connections, requests in flight finish (up to SHUTDOWN_GRACE_MS), then
+        the checks and the connection pool stop."""
+        Service.stopService(self)
+        await defer.maybeDeferred(self.listener.stopService)
+        grace = self.settings.shutdown_grace_ms / 1000.0
+        deadline = self._reactor.seconds() + grace
+        drained = self.forwarder.drained()
+        drained.addTimeout(grace, self._reactor)
+        try:
+            await drained
+        except defer.TimeoutError:
+            log.warn("{count} requests still in flight after {grace} s; stopping anyway",
+                     count=self.forwarder.in_flight, grace=grace)
+        # The last answers may still sit in write buffers: let them out, then close.
+        await self.site.close_connections(self._reactor, max(0.5, deadline - self._reactor.seconds()))
+        rest = [s for s in reversed(list(self)) if s is not self.listener]
+        await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in rest], consumeErrors=True)
+
+    def reload(self) -> None:
+        """SIGHUP: read the environment and .env again; apply what can change live, refuse a bad config."""
+        try:
+            new = load_settings(cli=self._cli, demo=self.settings.demo)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: {reason}", reason=str(exc))
+            return
+        old = self.settings
+        changed = [f.name for f in fields(Settings) if getattr(old, f.name) != getattr(new, f.name)]
+        if not changed:
+            log.info("reload: nothing changed")
+            return
+        for name in changed:
+            if name in RELOADABLE:
+                log.info("reload: {setting} {old} -> {new}", setting=name, old=getattr(old, name),
+                         new=getattr(new, name))
+            else:
+                log.warn("reload: {setting} changed but takes a restart; keeping {old}", setting=name,
+                         old=getattr(old, name))
+        applied = {name: getattr(new, name) for name in changed if name in RELOADABLE}
+        self.settings = replace(old, **applied)
+        self._apply(self.settings)
+
+    def _apply(self, settings: Settings) -> None:
+        logs.set_level(settings.log_level)
+        backends = list(settings.backends)
+        if self.demo is not None:
+            backends += self.demo.entries
+        self.pool.replace(backends)
+        self.pool.set_max_lag(settings.max_block_lag)
+        self.pool.set_breaker_policy(breaker_policy_of(settings))
+        self.forwarder.configure(limits_of(settings), settings.access_log)
+        self.health.configure(settings.health_check_interval_ms / 1000.0, settings.request_timeout)
+        self.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
+                                 integrity_params(settings))
 
 
 def integrity_params(settings: Settings) -> IntegrityParams:
@@ -144,18 +269,20 @@ def integrity_params(settings: Settings) -> IntegrityParams:
     )
 
 
-def build_service(settings: Settings, reactor: Any = None) -> GatewayService:
+def build_service(settings: Settings, reactor: Any = None, cli: dict[str, str | None] | None = None,
+                  handle_signals: bool = False) -> GatewayService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     logs.set_level(settings.log_level)
-    return GatewayService(settings, reactor)
+    return GatewayService(settings, reactor, cli, handle_signals)
 
 
 def makeService(options: Options, reactor: Any = None) -> GatewayService:
+    cli = options.cli_values()
     try:
-        settings = load_settings(cli=options.cli_values(), demo=bool(options["demo"]))
+        settings = load_settings(cli=cli, demo=bool(options["demo"]))
     except ConfigError as exc:
         raise SystemExit(f"sentinel-proxy: {exc}") from None
-    return build_service(settings, reactor)
+    return build_service(settings, reactor, cli, handle_signals=True)

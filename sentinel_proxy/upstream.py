@@ -14,15 +14,27 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet import defer, error as neterror
-from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
+from twisted.internet import defer
+from twisted.internet import error as neterror
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.web.client import (Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived,
-                                _HTTP11ClientFactory)
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
+    _StandardEndpointFactory,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .backends import Backend
@@ -53,15 +65,24 @@ class BytesProducer:
 
 
 class _BodyCollector(Protocol):
-    def __init__(self, finished: defer.Deferred[bytes]):
+    def __init__(self, finished: defer.Deferred[bytes], limit: int):
         self._finished = finished
+        self._limit = limit
+        self._size = 0
         self._chunks: list[bytes] = []
 
     def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._finished.errback(UpstreamError("too_large", f"answer exceeds {self._limit} bytes"))
+            self.transport.stopProducing()
+            return
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        if self._finished.called:  # cancelled: the caller has moved on
+        if self._finished.called:  # cancelled or cut off: the caller has moved on
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._chunks))
@@ -69,8 +90,8 @@ class _BodyCollector(Protocol):
             self._finished.errback(reason)
 
 
-def read_body(response: IResponse) -> defer.Deferred[bytes]:
-    """Collect a response body; cancelling closes the connection.
+def read_body(response: IResponse, limit: int = 1 << 62) -> defer.Deferred[bytes]:
+    """Collect a response body of at most ``limit`` bytes; cancelling closes the connection.
 
     ``twisted.web.client.readBody`` cannot close it here (the body's transport has no
     ``abortConnection``; it warns on every call instead), so a node stalling mid-body would keep
@@ -81,9 +102,33 @@ def read_body(response: IResponse) -> defer.Deferred[bytes]:
             collector.transport.stopProducing()
 
     finished: defer.Deferred[bytes] = defer.Deferred(cancel)
-    collector = _BodyCollector(finished)
+    collector = _BodyCollector(finished, limit)
     response.deliverBody(collector)
     return finished
+
+
+@implementer(IAgentEndpointFactory)
+class DirectEndpointFactory:
+    """Plain TCP endpoints for nodes given by IP address; Twisted's standard ones otherwise.
+
+    ``HostnameEndpoint`` (what ``Agent`` uses) notices that its last address refused the
+    connection only at its next 0.3 s attempt tick, so every attempt at a dead node cost 300 ms
+    before failover. An IP literal needs no name resolution and no racing of addresses.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float):
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._standard = _StandardEndpointFactory(reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None)
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii")
+        if uri.scheme == b"http":
+            if isIPAddress(host):
+                return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            if isIPv6Address(host):
+                return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        return self._standard.endpointForURI(uri)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -93,7 +138,10 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 
 class UpstreamError(Exception):
-    """The node could not give an answer: ``kind`` is "timeout", "connect" or "transport"."""
+    """The node gave no usable answer: ``kind`` is "timeout", "connect", "transport" or "too_large".
+
+    Only "connect" proves the request never reached the node (what makes a write safe to retry).
+    """
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -144,23 +192,25 @@ def result_of(method: str, document: Any) -> Any:
 
 class UpstreamClient:
     def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
-                 agent: IAgent | None = None):
+                 agent: IAgent | None = None, connect_timeout: float = 2.0, max_response_bytes: int = 1 << 25):
         self._reactor = reactor
         self._pool: HTTPConnectionPool | None = None
+        self._max_response = max_response_bytes
         if agent is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = max_connections
             self._pool.cachedConnectionTimeout = idle_timeout
             self._pool.retryAutomatically = False
             self._pool._factory = _QuietClientFactory
-            agent = Agent(reactor, pool=self._pool)
+            agent = Agent.usingEndpointFactory(reactor, DirectEndpointFactory(reactor, connect_timeout),
+                                               pool=self._pool)
         self._agent = agent
 
     async def _post(self, backend: Backend, body: bytes, headers: Headers) -> UpstreamResponse:
         if backend.authorization is not None:
             headers.setRawHeaders(b"authorization", [backend.authorization])
         response = await self._agent.request(b"POST", backend.target, headers, BytesProducer(body))
-        content = await read_body(response)
+        content = await read_body(response, self._max_response)
         return UpstreamResponse(response.code, response.headers, content)
 
     async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float) -> UpstreamResponse:
@@ -174,6 +224,11 @@ class UpstreamClient:
         except _CONNECT_ERRORS as exc:
             raise UpstreamError("connect", f"cannot connect: {exc.__class__.__name__}") from None
         except _TRANSPORT_ERRORS as exc:
+            # A deadline becomes "timeout" in _timed_out; a cancellation still inside the error here
+            # came from the caller (a hedge race lost): not the node's failure.
+            if any(isinstance(getattr(reason, "value", None), defer.CancelledError)
+                   for reason in getattr(exc, "reasons", ())):
+                raise defer.CancelledError() from None
             raise UpstreamError("transport", f"connection failed: {exc.__class__.__name__}") from None
 
     async def fetch(self, backend: Backend, body: bytes, timeout: float) -> UpstreamResponse:

@@ -126,3 +126,20 @@ def test_replace_keeps_the_state_of_nodes_that_stay():
 def test_rfc3339():
     assert rfc3339(None) == NEVER
     assert rfc3339(0.5) == "1970-01-01T00:00:00.500Z"
+
+
+def test_pick_skips_tried_nodes_and_open_breakers_but_never_strands_the_route():
+    pool = healthy_pool(2)
+    a, b = pool.backends
+    for backend in pool.backends:
+        pool.record_integrity(backend, Verdict())
+    assert pool.pick("/", exclude=[a]) == Pick(b)
+    assert pool.pick("/", exclude=[a, b]) == Pick(None)
+    for _ in range(5):
+        a.breaker.record(False, now=10.0)
+    assert a.breaker.state == "open"
+    assert {pool.pick("/", now=11.0).backend for _ in range(10)} == {b}
+    for _ in range(5):
+        b.breaker.record(False, now=10.0)
+    assert pool.pick("/", now=11.0).fallback == "breaker"
+    assert pool.pick("/", now=16.0).fallback is None, "after the cool-down, probes are regular picks"

@@ -61,3 +61,46 @@ def test_majority_needs_a_strict_winner():
     assert scoring.majority(["a", "b"]) is None
     assert scoring.majority([]) is None
     assert scoring.majority([("1", "1")]) == ("1", "1")
+
+
+def test_breaker_opens_on_consecutive_failures_and_closes_after_probes():
+    breaker = scoring.CircuitBreaker(scoring.BreakerPolicy(consecutive_failures=3, cooldown=5.0, close_after=2))
+    for _ in range(2):
+        assert breaker.available(0.0)
+        assert breaker.record(False, 0.0) is None
+    assert breaker.record(False, 1.0) == "open"
+    assert not breaker.available(5.9)
+    assert breaker.available(6.0) and breaker.state == "half-open"
+    breaker.begin()
+    assert not breaker.available(6.0), "one probe at a time"
+    assert breaker.record(True, 6.1) is None and breaker.available(6.1)
+    breaker.begin()
+    assert breaker.record(True, 6.2) == "closed"
+    assert [state for _, state in breaker.transitions] == ["open", "half-open", "closed"]
+
+
+def test_breaker_window_and_half_open_failure():
+    breaker = scoring.CircuitBreaker(scoring.BreakerPolicy(consecutive_failures=99, window=10, window_failures=4,
+                                                           cooldown=1.0))
+    for ok in (False, True, False, True, True, True, True, True, True, True, True):  # oldest failure slides out
+        breaker.record(ok, 0.0)
+    assert breaker.state == "closed"
+    for ok in (False, False, True, False):
+        breaker.record(ok, 0.0)
+    assert breaker.state == "closed", "3 failures within the last 10 calls"
+    breaker.record(False, 0.0)
+    assert breaker.state == "open", "4 failures within the last 10 calls"
+    assert breaker.available(1.0)
+    breaker.begin()
+    assert breaker.record(False, 1.0) == "open" and not breaker.available(1.5)
+    assert breaker.available(2.0)
+    breaker.begin()
+    breaker.abandon()
+    assert breaker.available(2.0), "a cancelled probe frees the slot"
+
+
+def test_success_resets_the_streak():
+    breaker = scoring.CircuitBreaker(scoring.BreakerPolicy(consecutive_failures=3, window_failures=99))
+    for ok in (False, False, True, False, False, True) * 5:
+        breaker.record(ok, 0.0)
+    assert breaker.state == "closed"

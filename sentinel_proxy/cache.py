@@ -1,0 +1,275 @@
+"""Response cache stores behind one interface: a bounded in-memory LRU and Redis (txredisapi).
+
+The stores keep opaque bytes under opaque keys; what to cache, under which key and for how long is
+:mod:`sentinel_proxy.cache_policy`'s business. A cache is an optimisation, never a dependency:
+neither store ever fails a call. Redis trouble (down, slow, refusing) is a miss for ``get`` and a
+silently dropped ``set``, counted in ``errors`` and logged at most once per ``log_interval``.
+
+Importing this module imports txredisapi, which installs the default reactor: only the service
+imports it, never the twistd plugin file.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from .logs import observer
+
+log = Logger(observer=observer)
+
+#: Prefix of every Redis key: several gateways can share one Redis, and bumping the version tag
+#: when the stored format changes makes new gateways ignore entries written by old ones.
+KEY_PREFIX = b"sentinel:v1:"
+
+
+class IResponseCache(Interface):
+    """A store of serialised answers. No method ever fails: trouble is a miss or a dropped store."""
+
+    def get(key: bytes) -> Deferred:
+        """Fire with the stored bytes, or None on a miss (absent, expired, store unavailable)."""
+
+    def set(key: bytes, value: bytes, ttl: float | None) -> Deferred:
+        """Store ``value`` for ``ttl`` seconds and fire with None.
+
+        ``ttl`` None or ``math.inf``: keep until evicted. ``ttl`` <= 0: store nothing.
+        """
+
+    def close() -> Deferred:
+        """Release the store's resources; fire with None when done."""
+
+
+def _expires(now: float, ttl: float | None) -> float:
+    return math.inf if ttl is None else now + ttl
+
+
+@implementer(IResponseCache)
+class MemoryCache:
+    """An LRU bounded by the bytes of its keys and values, with per-entry expiry.
+
+    The bound counts key and value bytes only; Python adds roughly 150 bytes per entry on top
+    (the tuple, the dict slot and the bytes headers). Expiry is lazy: an expired entry is dropped
+    when it is read, or evicted like any other entry as the least recently used.
+    """
+
+    def __init__(self, max_bytes: int, clock: IReactorTime):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        self.max_bytes = max_bytes
+        self._clock = clock
+        # key -> (value, expiry time); least recently used first.
+        self._entries: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        self.evictions = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> Deferred:
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry[1] > self._clock.seconds():
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return succeed(entry[0])
+            del self._entries[key]
+            self.bytes -= len(key) + len(entry[0])
+        self.misses += 1
+        return succeed(None)
+
+    def set(self, key: bytes, value: bytes, ttl: float | None) -> Deferred:
+        size = len(key) + len(value)
+        if size > self.max_bytes or (ttl is not None and ttl <= 0):
+            return succeed(None)
+        entries = self._entries
+        old = entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(key) + len(old[0])
+        entries[key] = (value, _expires(self._clock.seconds(), ttl))
+        self.bytes += size
+        self.stores += 1
+        while self.bytes > self.max_bytes:
+            evicted, (evicted_value, _) = entries.popitem(last=False)
+            self.bytes -= len(evicted) + len(evicted_value)
+            self.evictions += 1
+        return succeed(None)
+
+    def close(self) -> Deferred:
+        self._entries.clear()
+        self.bytes = 0
+        return succeed(None)
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+
+    def __str__(self) -> str:
+        """The address for logs, without credentials."""
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``; raise ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"{url!r} is not a redis:// URL")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdecimal()):
+        raise ValueError(f"{url!r}: the path must be a database number")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: query and fragment are not supported")
+    return RedisAddress(
+        host=parts.hostname or "localhost",
+        port=port,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+#: Seconds to wait for a TCP connection to Redis before txredisapi tries again.
+CONNECT_TIMEOUT = 2.0
+#: Seconds without a reply after which txredisapi drops a connection (a hung Redis, a partition
+#: without a reset), so waiting replies do not pile up on a dead connection.
+REPLY_TIMEOUT = 2.0
+
+
+@implementer(IResponseCache)
+class RedisCache:
+    """A Redis store shared by several gateways, that can never slow down or fail a call.
+
+    Every command is cut off after ``timeout`` seconds. After a failure, calls are answered as
+    misses without touching Redis for ``retry_interval`` seconds, then one call probes it again:
+    during an outage the request path pays nothing (without this, every lookup would wait the
+    full ``timeout``, and txredisapi would queue a waiter per call until it reconnects, which it
+    does with a 1 s to 10 s backoff).
+
+    ``evictions`` and ``bytes`` stay 0: Redis evicts and sizes entries itself (``maxmemory``,
+    ``INFO memory``), out of the client's sight. They exist so both stores expose the same
+    counters.
+    """
+
+    evictions = 0
+    bytes = 0
+
+    def __init__(self, url: str, reactor: IReactorTime, timeout: float = 0.05, *,
+                 prefix: bytes = KEY_PREFIX, poolsize: int = 2, retry_interval: float = 1.0,
+                 log_interval: float = 60.0):
+        self.address = parse_redis_url(url)
+        self._reactor = reactor
+        self._timeout = timeout
+        self._prefix = prefix
+        self._retry_interval = retry_interval
+        self._log_interval = log_interval
+        address = self.address
+        self._redis = txredisapi.lazyConnectionPool(
+            host=address.host, port=address.port, dbid=address.db, poolsize=poolsize, reconnect=True,
+            charset=None, convertNumbers=False, username=address.username, password=address.password,
+            connectTimeout=CONNECT_TIMEOUT, replyTimeout=REPLY_TIMEOUT)
+        self._retry_at = 0.0  # no call reaches Redis before this time
+        self._next_report = 0.0  # no outage line is logged before this time
+        self._unreported = 0  # failures since the last outage line
+        self._outage_reported = False
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        self.errors = 0
+
+    def get(self, key: bytes) -> Deferred:
+        if self._reactor.seconds() < self._retry_at:
+            self.misses += 1
+            return succeed(None)
+        return self._command("get", self._prefix + key).addCallbacks(self._got, self._get_failed)
+
+    def set(self, key: bytes, value: bytes, ttl: float | None) -> Deferred:
+        if (ttl is not None and ttl <= 0) or self._reactor.seconds() < self._retry_at:
+            return succeed(None)
+        if ttl is None or ttl == math.inf:
+            sent = self._command("set", self._prefix + key, value)
+        else:
+            sent = self._command("set", self._prefix + key, value, pexpire=max(1, round(ttl * 1000)))
+        return sent.addCallbacks(self._stored, self._failed)
+
+    def close(self) -> Deferred:
+        """Disconnect (within a second at most); later calls are misses. Closing twice is a no-op."""
+        if self._retry_at == math.inf:
+            return succeed(None)
+        self._retry_at = math.inf
+        try:
+            closing = self._redis.disconnect()
+        except Exception:
+            closing = fail()
+        closing.addTimeout(1.0, self._reactor)
+        return closing.addBoth(lambda _: None)
+
+    def _command(self, name: str, *args: Any, **kwargs: Any) -> Deferred:
+        try:
+            sent = getattr(self._redis, name)(*args, **kwargs)
+        except Exception:
+            sent = fail()
+        return sent.addTimeout(self._timeout, self._reactor)
+
+    def _got(self, value: Any) -> bytes | None:
+        self._reachable()
+        if isinstance(value, bytes):
+            self.hits += 1
+            return value
+        self.misses += 1
+        return None
+
+    def _get_failed(self, failure: Failure) -> None:
+        self.misses += 1
+        self._failed(failure)
+
+    def _stored(self, _: Any) -> None:
+        self._reachable()
+        self.stores += 1
+
+    def _failed(self, failure: Failure) -> None:
+        """Count and (rate-limited) log a failed command, and stop calling Redis for a while."""
+        self.errors += 1
+        self._unreported += 1
+        now = self._reactor.seconds()
+        self._retry_at = max(self._retry_at, now + self._retry_interval)  # inf once closed
+        if now >= self._next_report:
+            self._next_report = now + self._log_interval
+            log.warn("Redis cache {address} unavailable ({reason}); serving cache misses "
+                     "({failures} failed calls since the last report)",
+                     address=str(self.address), reason=self._reason(failure), failures=self._unreported)
+            self._unreported = 0
+            self._outage_reported = True
+
+    def _reason(self, failure: Failure) -> str:
+        if failure.check(defer.TimeoutError):
+            return f"no answer within {self._timeout * 1000:g} ms"
+        message = failure.getErrorMessage()
+        name = failure.type.__name__ if failure.type is not None else "error"
+        return f"{name}: {message}" if message else name
+
+    def _reachable(self) -> None:
+        if self._outage_reported:
+            self._outage_reported = False
+            log.info("Redis cache {address} reachable again", address=str(self.address))
+
