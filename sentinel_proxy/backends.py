@@ -11,12 +11,13 @@ import random as _random
 from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Tuple, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
 from . import scoring
+from .cache_policy import finalized_tip
 from .logs import observer
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ class Backend:
     #: ``oldestHistoricBlockNumber``: the oldest block whose state the node still serves.
     oldest_block: int | None = None
     lag: int = 0
+    #: The node's last node_getL2Tips answer: its vote for the finalized tip.
+    tips: Any = None
     #: Why the node gets no traffic although it is healthy: reason kind -> explanation.
     quarantine: dict[str, str] = field(default_factory=dict)
     latency: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
@@ -210,6 +213,8 @@ class BackendPool:
         self.set_breaker_policy(self._breaker_policy)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._falling_back: set[str] = set()
+        #: The finalized block a majority of healthy nodes agree on (None: no majority yet).
+        self.finalized: int | None = None
         self._rebuild()
 
     def replace(self, entries: Iterable[BackendEntry]) -> None:
@@ -296,7 +301,8 @@ class BackendPool:
 
     def record_health(self, backend: Backend, healthy: bool, now: float, block_number: int | None = None,
                       latency_ms: float | None = None, error: str | None = None,
-                      chain: tuple[str, str] | None = None, oldest_block: int | None = None) -> None:
+                      chain: tuple[str, str] | None = None, oldest_block: int | None = None,
+                      tips: Any = None) -> None:
         backend.healthy = healthy
         backend.last_check = now
         backend.last_error = error
@@ -308,6 +314,8 @@ class BackendPool:
             backend.chain = chain
         if oldest_block is not None:
             backend.oldest_block = oldest_block
+        if tips is not None:
+            backend.tips = tips
         backend.rescore()
         self._rebuild()
 
@@ -330,6 +338,8 @@ class BackendPool:
                                                f"differ from the majority's {chain[0]}, {chain[1]}")
         same_chain = [b for b in healthy if "chain" not in b.quarantine]
         best = max((b.block_number for b in same_chain), default=0)
+        # Votes of the healthy nodes on the majority chain: never a single node's claim.
+        self.finalized = finalized_tip(b.tips for b in same_chain)
         for backend in self.backends:
             backend.lag = max(0, best - backend.block_number) if backend.healthy else 0
             reason = scoring.lag_reason(backend.block_number, best, self._max_lag) if backend.healthy else None

@@ -122,10 +122,11 @@ def oldest_block_of(sync_status: Any) -> int | None:
 
 
 #: One batch per node and round: readiness and tip decide health (the prototype's check); chain
-#: identity and world-state depth are read in the same round trip, and may be missing on old nodes.
+#: identity, world-state depth and the finality tips (for the cache) come in the same round trip,
+#: and may be missing on old nodes.
 HEALTH_CALLS: tuple[tuple[str, list[Any]], ...] = (
     ("node_isReady", []), ("node_getBlockNumber", []), ("node_getNodeInfo", []),
-    ("node_getWorldStateSyncStatus", []),
+    ("node_getWorldStateSyncStatus", []), ("node_getL2Tips", []),
 )
 
 
@@ -141,7 +142,7 @@ class HealthService(PeriodicCheck):
     async def check(self, backend: Backend) -> bool:
         started = self.clock.seconds()
         try:
-            (ready, block, info, sync_status), headers = await self._upstream.batch(
+            (ready, block, info, sync_status, tips), headers = await self._upstream.batch(
                 backend, HEALTH_CALLS, self._timeout)
             if ready is not True:
                 raise ready if isinstance(ready, RpcCallError) else RpcCallError(f"node_isReady answered {ready!r:.40}")
@@ -157,7 +158,8 @@ class HealthService(PeriodicCheck):
         if not backend.healthy:
             log.info("backend {backend} is healthy at block {block}", backend=backend.name, block=block)
         self._pool.record_health(backend, True, now, block_number=block, latency_ms=(now - started) * 1000.0,
-                                 chain=chain_of(info, headers), oldest_block=oldest_block_of(sync_status))
+                                 chain=chain_of(info, headers), oldest_block=oldest_block_of(sync_status),
+                                 tips=None if isinstance(tips, RpcCallError) else tips)
         return True
 
 

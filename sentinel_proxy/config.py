@@ -85,6 +85,20 @@ def _log_format(raw: str) -> str:
     return text
 
 
+def _cache(raw: str) -> str:
+    """off, memory, or a redis:// URL (checked here, so a typo stops the start, not the first call)."""
+    text = raw.strip()
+    if text.lower() in ("off", "memory"):
+        return text.lower()
+    from .cache_address import parse_redis_url
+
+    try:
+        parse_redis_url(text)
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} is not off, memory or a redis:// URL ({exc})") from None
+    return text
+
+
 def parse_backend_url(raw: str) -> str:
     """Check one backend URL; the URL is kept as written so /health shows what the operator set."""
     url = raw.strip()
@@ -175,6 +189,13 @@ SPECS: tuple[Spec, ...] = (
          "how long an open breaker keeps a node out before probing it, in ms"),
     Spec("breaker_close_successes", "BREAKER_CLOSE_SUCCESSES", "8", _integer(1),
          "successful probes in a row that close the breaker again"),
+    Spec("cache", "CACHE", "memory", _cache,
+         "response cache: off, memory, or redis://host:port/db (shared by several gateways)"),
+    Spec("cache_size_mb", "CACHE_SIZE_MB", "64", _integer(1), "size of the in-memory cache, in MB"),
+    Spec("cache_volatile_ttl_ms", "CACHE_VOLATILE_TTL_MS", "1000", _integer(0),
+         "how long volatile answers (tips, block number, fees) are kept, in ms; below one block time"),
+    Spec("redis_timeout_ms", "REDIS_TIMEOUT_MS", "100", _integer(1),
+         "deadline of every Redis call, in ms: a slow or absent Redis is a cache miss, never an error"),
     Spec("max_in_flight", "MAX_IN_FLIGHT", "1024", _integer(1),
          "requests handled at once; beyond it callers get a fast 503 with Retry-After instead of a queue"),
     Spec("max_response_bytes", "MAX_RESPONSE_BYTES", "33554432", _integer(1),
@@ -242,6 +263,10 @@ class Settings:
     breaker_window_failures: int
     breaker_cooldown_ms: int
     breaker_close_successes: int
+    cache: str
+    cache_size_mb: int
+    cache_volatile_ttl_ms: int
+    redis_timeout_ms: int
     max_in_flight: int
     max_response_bytes: int
     client_idle_timeout_ms: int

@@ -10,19 +10,25 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from . import jsonrpc, routing
+from . import answers, jsonrpc, routing
+from .answers import entry_from_store, item_bytes, store_value
+from .cache_policy import FOREVER, NEVER, Decision, decide, storable
+from .coalesce import Entry, Flight, SingleFlight
 from .backends import Backend, BackendPool
 from .logs import observer
 from .metrics import NO_BACKEND, Metrics
 from .status import RequestTotals
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:  # importing the cache module imports txredisapi, which installs a reactor
+    from .cache import IResponseCache
 
 log = Logger(observer=observer)
 #: One line per proxied request, in its own namespace so shippers and LOG_LEVEL can single it out.
@@ -75,6 +81,17 @@ def _answer_outcome(status: int, body: bytes, encoding: bytes | None) -> str:
     if status >= 400 or (encoding is None and b'"error":' in body):
         return "rpc_error"
     return "ok"
+
+
+def _items(body: bytes, batch: bool, count: int) -> list[Any] | None:
+    """The node's answer items, or None when the answer does not have the request's shape."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if batch:
+        return document if isinstance(document, list) and len(document) == count else None
+    return [document] if isinstance(document, dict) else None
 
 
 def methods_summary(methods: tuple[str, ...], shown: int = 3) -> str:
@@ -190,7 +207,14 @@ def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
 class Forwarder:
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, clock: IReactorTime,
-                 limits: Limits, access_log: bool = True):
+                 limits: Limits, access_log: bool = True, cache: IResponseCache | None = None,
+                 volatile_ttl: float = 1.0):
+        self._cache = cache
+        self._volatile_ttl = volatile_ttl
+        self._flights = SingleFlight()
+        #: x-aztec-* headers of the latest answer from a node: a full cache hit still carries them,
+        #: since clients check the chain and versions in them.
+        self._aztec_headers: list[tuple[bytes, bytes]] = []
         self._pool = pool
         self._upstream = upstream
         self._metrics = metrics
@@ -291,10 +315,124 @@ class Forwarder:
             body = jsonrpc.encode([call.request for call in parsed.calls])
             upstream_headers.removeHeader(b"content-encoding")
             upstream_headers.setRawHeaders(b"accept-encoding", [b"identity"])
-        plan = Plan(route, parsed, body, upstream_headers, request_id, routing.oldest_needed(parsed.calls),
-                    jsonrpc.safe_to_repeat(parsed.calls), self._clock.seconds() + limits.timeout)
-        reply = await self._forward(plan)
+        deadline = self._clock.seconds() + limits.timeout
+        reply = None
+        if self._cache is not None:
+            reply = await self._serve_cached(route, parsed, upstream_headers, request_id, deadline)
+        if reply is None:
+            plan = Plan(route, parsed, body, upstream_headers, request_id, routing.oldest_needed(parsed.calls),
+                        jsonrpc.safe_to_repeat(parsed.calls), deadline)
+            reply = await self._forward(plan)
         reply.methods, reply.batch = parsed.methods, parsed.size if parsed.is_batch else None
+        return reply
+
+    async def _serve_cached(self, route: str, parsed: jsonrpc.ParsedRequest, headers: Headers, request_id: str,
+                            deadline: float) -> Reply | None:
+        """Answer what the cache has, wait for identical calls already in flight, send the rest
+        upstream as one sub-batch, and reassemble in the caller's order with the caller's ids.
+
+        None when no call of the request is cacheable: it then passes through untouched (gzip and
+        all), which costs less than taking it apart.
+        """
+        cache = self._cache
+        assert cache is not None
+        finalized = self._pool.finalized
+        decisions = [decide(c.method, c.request.get("params", []), finalized, self._volatile_ttl)
+                     for c in parsed.calls]
+        if all(d.kind == NEVER for d in decisions):
+            return None
+        parts: dict[int, bytes] = {position: jsonrpc.encode(item) for position, item in parsed.refused.items()}
+        kinds: dict[int, str] = {}
+        outgoing: list[tuple[jsonrpc.Call, Decision, Flight | None]] = []
+        waiting: list[tuple[jsonrpc.Call, defer.Deferred[Entry]]] = []
+        leading: dict[bytes, Flight] = {}
+        counts = {"hit": 0, "miss": 0, "coalesced": 0}
+        try:
+            for call, decision in zip(parsed.calls, decisions):
+                if decision.kind == NEVER:
+                    outgoing.append((call, decision, None))
+                    continue
+                stored = await cache.get(decision.key)
+                entry = entry_from_store(stored) if stored is not None else None
+                if entry is not None:
+                    parts[call.position], kinds[call.position] = item_bytes(call.request.get("id"), entry), entry.kind
+                    counts["hit"] += 1
+                    continue
+                flight = leading.get(decision.key)
+                waiter = flight.wait() if flight is not None else self._flights.join(decision.key)
+                if waiter is not None:
+                    waiting.append((call, waiter))
+                    counts["coalesced"] += 1
+                    continue
+                leading[decision.key] = flight = self._flights.lead(decision.key)
+                outgoing.append((call, decision, flight))
+                counts["miss"] += 1
+            self._metrics.observe_cache(counts)
+
+            upstream_reply = None
+            if outgoing:
+                upstream_reply = await self._forward_part(route, parsed, outgoing, headers, request_id, deadline,
+                                                          parts, kinds)
+                if upstream_reply.outcome not in ("ok", "rpc_error"):
+                    return upstream_reply
+            for call, waiter in waiting:
+                try:
+                    entry = await waiter
+                except Exception:  # the leading call failed at every node it tried
+                    return error_reply(502, jsonrpc.UPSTREAM_FAILED, "Upstream node failed for a shared call",
+                                       "upstream_error")
+                parts[call.position], kinds[call.position] = item_bytes(call.request.get("id"), entry), entry.kind
+        finally:
+            for flight in leading.values():  # never leave followers waiting (failure, cancellation)
+                flight.fail(UpstreamError("transport", "the leading call did not complete"))
+
+        body = answers.assemble((parts[i] for i in range(parsed.size)), parsed.is_batch)
+        errors = any(kind == "error" for kind in kinds.values()) or bool(parsed.refused)
+        status = 400 if not parsed.is_batch and kinds.get(0) == "error" else 200
+        reply_headers = list(JSON_HEADERS) + self._aztec_headers
+        if not parsed.is_batch:
+            reply_headers.append((b"x-cache", b"HIT" if counts["hit"] else b"COALESCED" if counts["coalesced"]
+                                  else b"MISS"))
+        if upstream_reply is None:
+            return Reply(status, body, reply_headers, outcome="rpc_error" if errors else "ok")
+        reply_headers += [(name, value) for name, value in upstream_reply.headers if name == b"x-sentinel-fallback"]
+        return Reply(status, body, reply_headers, upstream_reply.backend, "rpc_error" if errors else "ok",
+                     upstream_reply.attempts)
+
+    async def _forward_part(self, route: str, parsed: jsonrpc.ParsedRequest,
+                            outgoing: list[tuple[jsonrpc.Call, Decision, Flight | None]], headers: Headers,
+                            request_id: str, deadline: float, parts: dict[int, bytes], kinds: dict[int, str]) -> Reply:
+        """Send the calls the cache could not answer; store and share what comes back."""
+        calls = tuple(jsonrpc.Call(i, call.method, call.request) for i, (call, _, _) in enumerate(outgoing))
+        batch = parsed.is_batch or len(calls) > 1
+        sub = jsonrpc.ParsedRequest(batch, calls, {})
+        body = jsonrpc.encode([c.request for c in calls]) if batch else jsonrpc.encode(calls[0].request)
+        headers = headers.copy()  # the answer is taken apart here: no compression, and a new body
+        headers.removeHeader(b"content-encoding")
+        headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        reply = await self._forward(Plan(route, sub, body, headers, request_id, routing.oldest_needed(calls),
+                                         jsonrpc.safe_to_repeat(calls), deadline))
+        if reply.outcome not in ("ok", "rpc_error"):
+            return reply
+        items = _items(reply.body, batch, len(calls))
+        if items is None:
+            return error_reply(502, jsonrpc.UPSTREAM_FAILED, "Upstream node answered a batch with the wrong shape",
+                               "upstream_error", reply.backend)
+        aztec = [(name, value) for name, value in reply.headers if name.lower().startswith(b"x-aztec-")]
+        if aztec:
+            self._aztec_headers = aztec
+        finalized = self._pool.finalized
+        for (call, decision, flight), item in zip(outgoing, items):
+            entry = answers.entry_of(item)
+            parts[call.position], kinds[call.position] = item_bytes(call.request.get("id"), entry), entry.kind
+            if flight is None:
+                continue
+            flight.resolve(entry)
+            result = item.get("result") if isinstance(item, dict) else None
+            ttl = storable(decision, call.method, call.request.get("params", []), entry.kind == "result", result,
+                           finalized, error=entry.kind == "error")
+            if ttl is not None:
+                self._cache.set(decision.key, store_value(entry), None if ttl == FOREVER else ttl)
         return reply
 
     async def _forward(self, plan: Plan) -> Reply:

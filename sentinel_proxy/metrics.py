@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .backends import BackendPool
@@ -109,6 +109,29 @@ class PoolCollector(Collector):
         yield from (health, score, block, lag, oldest, priority, status, node_type, routing, quarantine, breaker)
 
 
+class CacheCollector(Collector):
+    """The cache store's own counters (hits, stores, evictions, bytes, Redis errors) at scrape time."""
+
+    FIELDS = (("hits", "counter", "Cache look-ups that found an answer"),
+              ("misses", "counter", "Cache look-ups that found nothing"),
+              ("stores", "counter", "Answers stored"),
+              ("evictions", "counter", "Entries evicted to stay within the size limit"),
+              ("errors", "counter", "Failed or timed-out Redis calls (each one a miss, never a caller error)"),
+              ("bytes", "gauge", "Bytes held (memory store)"))
+
+    def __init__(self, store: object):
+        self._store = store
+        self._kind = type(store).__name__.removesuffix("Cache").lower()
+
+    def collect(self) -> Iterator[Metric]:
+        for field, kind, doc in self.FIELDS:
+            name = f"sentinel_proxy_cache_{field}"
+            family = (CounterMetricFamily(name, doc, labels=["store"]) if kind == "counter"
+                      else GaugeMetricFamily(name, doc, labels=["store"]))
+            family.add_metric([self._kind], float(getattr(self._store, field, 0)))
+            yield family
+
+
 class Metrics:
     def __init__(self, pool: BackendPool, registry: CollectorRegistry | None = None):
         # No ``*_created`` series: the Go prototype never had them, and they double every counter's
@@ -142,6 +165,8 @@ class Metrics:
                               ["route"], registry=r)
         self.breaker_transitions = Counter("sentinel_proxy_breaker_transitions",
                                            "Circuit breaker state changes", ["backend", "state"], registry=r)
+        self.cache_calls = Counter("sentinel_proxy_cache_calls", "Cacheable calls by how they were answered",
+                                   ["result"], registry=r)
         self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
                                         ["check", "backend"], registry=r)
         self.check_failures = Counter("sentinel_proxy_check_failures", "Failed health and integrity checks",
@@ -152,6 +177,7 @@ class Metrics:
 
     def _preset(self) -> None:
         """Create every route/outcome series up front, so rate() and alerts see zeros, not gaps."""
+        self._cache_children = {result: self.cache_calls.labels(result) for result in ("hit", "miss", "coalesced")}
         for route in ROUTES:
             self.failovers.labels(route)
             self.hedges.labels(route)
@@ -180,6 +206,14 @@ class Metrics:
             child(self.rpc_call_duration, label).observe(seconds)
         if batch is not None:
             self.batch_size.observe(batch)
+
+    def watch_cache(self, store: object) -> None:
+        self.registry.register(CacheCollector(store))
+
+    def observe_cache(self, counts: dict[str, int]) -> None:
+        for result, count in counts.items():
+            if count:
+                self._cache_children[result].inc(count)
 
     def observe_attempt(self, backend: str, result: str) -> None:
         self._child(self.upstream_attempts, backend, result).inc()

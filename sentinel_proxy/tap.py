@@ -120,6 +120,28 @@ def breaker_policy_of(settings: Settings) -> BreakerPolicy:
                          close_after=settings.breaker_close_successes)
 
 
+class CacheService(Service):
+    """Closes the cache's connections (Redis) on shutdown."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return self.cache.close()
+
+
+def make_cache(settings: Settings, reactor: Any) -> Any:
+    """The configured response cache (an ``IResponseCache``), or None when caching is off."""
+    if settings.cache == "off":
+        return None
+    from .cache import MemoryCache, RedisCache  # txredisapi installs the default reactor: import late
+
+    if settings.cache == "memory":
+        return MemoryCache(settings.cache_size_mb * 1024 * 1024, reactor)
+    return RedisCache(settings.cache, reactor, timeout=settings.redis_timeout_ms / 1000.0)
+
+
 class GatewayService(MultiService):
     """The whole gateway; its attributes are the parts tests and the demo need to reach."""
 
@@ -143,8 +165,12 @@ class GatewayService(MultiService):
                                        max_response_bytes=settings.max_response_bytes)
         self.metrics = Metrics(self.pool)
         self.pool.on_breaker_change = self._breaker_changed
+        self.cache = make_cache(settings, reactor)
+        if self.cache is not None:
+            self.metrics.watch_cache(self.cache)
+            CacheService(self.cache).setServiceParent(self)
         self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, limits_of(settings),
-                                   settings.access_log)
+                                   settings.access_log, self.cache, settings.cache_volatile_ttl_ms / 1000.0)
         app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor)
 
         self.demo = None

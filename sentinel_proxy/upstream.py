@@ -190,6 +190,11 @@ def result_of(method: str, document: Any) -> Any:
     return document["result"]
 
 
+#: The checks' own bound: MAX_RESPONSE_BYTES limits what callers may pull through the gateway,
+#: and must not make a node's validator stats (~2 MB on 4.x, more with a long history) unreadable.
+CHECK_MAX_RESPONSE = 256 * 1024 * 1024
+
+
 class UpstreamClient:
     def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
                  agent: IAgent | None = None, connect_timeout: float = 2.0, max_response_bytes: int = 1 << 25):
@@ -206,16 +211,19 @@ class UpstreamClient:
                                                pool=self._pool)
         self._agent = agent
 
-    async def _post(self, backend: Backend, body: bytes, headers: Headers) -> UpstreamResponse:
+    async def _post(self, backend: Backend, body: bytes, headers: Headers, limit: int) -> UpstreamResponse:
         if backend.authorization is not None:
             headers.setRawHeaders(b"authorization", [backend.authorization])
         response = await self._agent.request(b"POST", backend.target, headers, BytesProducer(body))
-        content = await read_body(response, self._max_response)
+        content = await read_body(response, limit)
         return UpstreamResponse(response.code, response.headers, content)
 
-    async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float) -> UpstreamResponse:
-        """POST ``body`` to the node; the whole exchange, body included, is bounded by ``timeout``."""
-        attempt = defer.Deferred.fromCoroutine(self._post(backend, body, headers))
+    async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float,
+                   limit: int | None = None) -> UpstreamResponse:
+        """POST ``body`` to the node; the whole exchange, body included, is bounded by ``timeout``,
+        and the answer by ``limit`` bytes (default MAX_RESPONSE_BYTES)."""
+        attempt = defer.Deferred.fromCoroutine(
+            self._post(backend, body, headers, self._max_response if limit is None else limit))
         # Cancelling surfaces as whatever the agent wraps it in (ResponseNeverReceived, ...), so the
         # timeout's own hook, not the exception type, says that the deadline passed.
         attempt.addTimeout(timeout, self._reactor, onTimeoutCancel=_timed_out)
@@ -234,7 +242,7 @@ class UpstreamClient:
     async def fetch(self, backend: Backend, body: bytes, timeout: float) -> UpstreamResponse:
         """A check's own request: uncompressed, and anything but HTTP 200 is a failed check."""
         headers = Headers({b"content-type": [b"application/json"], b"accept-encoding": [b"identity"]})
-        response = await self.post(backend, body, headers, timeout)
+        response = await self.post(backend, body, headers, timeout, CHECK_MAX_RESPONSE)
         if response.code != 200:
             raise RpcCallError(f"HTTP {response.code}")
         return response

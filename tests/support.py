@@ -99,9 +99,10 @@ class Cluster:
         return running
 
     def settings(self, backends: list[str], **overrides: str) -> Settings:
+        # The cache is off unless a test is about it: most tests count what reaches the nodes.
         cli = {"backends": ",".join(backends), "listen": "tcp:0:interface=127.0.0.1",
                "health_check_interval_ms": "200", "integrity_check_interval_ms": "500",
-               "request_timeout_ms": "2000", **CHAIN_SETTINGS, **overrides}
+               "request_timeout_ms": "2000", "cache": "off", **CHAIN_SETTINGS, **overrides}
         return load_settings(cli=cli, environ={}, dotenv_path=None)
 
     async def gateway(self, nodes: list[RunningNode] | list[str], wait_healthy: int | None = None,

@@ -813,8 +813,9 @@ def test_sigterm_under_load_cuts_no_request_off(tmp_path):
     without response": stopService completes before that reply leaves the process, and the
     reactor then drops the connection (see test_stop_fires_only_once_the_answer_is_written)."""
     node, node_port = start_simnode(tmp_path, "slow")
+    # No cache: every request must really wait for the slow node, so the signal meets some in flight.
     gateway = Daemon(["sentinel-proxy", "--backends", f"http://127.0.0.1:{node_port}", "--listen",
-                      "tcp:0:interface=127.0.0.1", "--expected-validators", "48"], tmp_path)
+                      "tcp:0:interface=127.0.0.1", "--expected-validators", "48", "--cache", "off"], tmp_path)
     load = None
     try:
         base = f"http://127.0.0.1:{gateway.wait_for_line(LISTENING).group(1)}"

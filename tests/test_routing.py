@@ -60,11 +60,11 @@ async def test_every_node_gets_the_right_verdict_and_traffic_avoids_the_bad_ones
     assert health["sentinel-disabled"]["integrityStats"]["integrityStatus"] == "unverified"
     assert health["sentinel-disabled"]["routing"] == "fallback"
 
-    before = {name: node.node.calls["node_getL2Tips"] for name, node in nodes.items()}
+    before = {name: node.node.calls["node_getProvenBlockNumber"] for name, node in nodes.items()}
     for i in range(200):
-        answer = await post_json(gateway, [rpc("node_getL2Tips", id_=i)])
+        answer = await post_json(gateway, [rpc("node_getProvenBlockNumber", id_=i)])
         assert answer.code == 200 and answer.header("x-sentinel-fallback") is None
-    served = {name: node.node.calls["node_getL2Tips"] - before[name] for name, node in nodes.items()}
+    served = {name: node.node.calls["node_getProvenBlockNumber"] - before[name] for name, node in nodes.items()}
     assert sum(served.values()) == 200
     assert {name for name, count in served.items() if count} <= {"archiver", "pruned", "legacy"}, served
     assert min(served[name] for name in ("archiver", "pruned", "legacy")) > 0, served

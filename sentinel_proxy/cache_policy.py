@@ -1,0 +1,306 @@
+"""Pure: which answers may be cached, under which key and for how long (no Twisted, no I/O).
+
+The rules follow ../shared/docs/aztec-node-api.md and are a table (:data:`RULES`, method -> rule)
+that docs/caching.md mirrors row for row. Caching is decided twice:
+
+1. :func:`decide` before the call, from the method and its params: whether to look it up at all,
+   under which key, and whether the params alone prove the answer final (a block number at or
+   below the finalized tip);
+2. :func:`storable` after the answer: some answers prove themselves final (a receipt whose status
+   is ``finalized``, a block fetched by hash whose number is finalized), others must not be kept
+   (errors, not-found for long, a short ``getBlocks`` page).
+
+"Finalized" is never one node's word: :func:`finalized_tip` takes the height that a majority of
+the healthy nodes report as finalized.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Iterable
+
+#: Default lifetime of a volatile entry: below one 4.x block time (several blocks per 72 s slot),
+#: so a cached tip is at most about one block old.
+DEFAULT_VOLATILE_TTL = 1.0
+#: What :func:`storable` returns for "keep until evicted"; both stores take it as no expiry.
+FOREVER = math.inf
+
+IMMUTABLE = "immutable"
+VOLATILE = "volatile"
+NEVER = "never"
+
+
+class Rule(StrEnum):
+    """How a method's answer may be cached (the second column of docs/caching.md)."""
+
+    #: Per-node state, mempool, writes, simulations: never looked up, never stored.
+    NEVER = "never"
+    #: Moving values (tips, fees) and chain constants: kept ``volatile_ttl`` seconds.
+    VOLATILE = "volatile"
+    #: First param a block (number, hash or ``"latest"``): immutable for a number at or below the
+    #: finalized tip, or for a hit on a hash whose block number is finalized; else volatile.
+    BLOCK = "block"
+    #: First param a block, the answer is state at that block: immutable for a number at or below
+    #: the finalized tip; else volatile (a hash does not say its height in the answer).
+    STATE_AT_BLOCK = "state-at-block"
+    #: ``(from, limit)``: immutable when from+limit-1 is finalized and the page is full; else volatile.
+    BLOCK_RANGE = "block-range"
+    #: By block hash: immutable on a hit whose block number is finalized; else volatile.
+    BLOCK_BY_HASH = "block-by-hash"
+    #: Immutable when ``status`` is ``finalized``; else volatile.
+    RECEIPT = "receipt"
+    #: Immutable when ``l2BlockNumber`` is finalized; else volatile.
+    TX_EFFECT = "tx-effect"
+    #: Content-addressed: immutable on a hit; a not-found is volatile.
+    CONTENT_ADDRESSED = "content-addressed"
+
+
+#: Method -> rule. A method not listed here is never cached (the method list changes between
+#: node versions; an unknown method may be per node or a write).
+RULES: dict[str, Rule] = {
+    # Per node, mempool, writes and simulations.
+    "node_isReady": Rule.NEVER,
+    "node_getNodeVersion": Rule.NEVER,
+    "node_getEncodedEnr": Rule.NEVER,
+    "node_getValidatorsStats": Rule.NEVER,
+    "node_getValidatorStats": Rule.NEVER,
+    "node_getWorldStateSyncStatus": Rule.NEVER,
+    "node_getPendingTxs": Rule.NEVER,
+    "node_getPendingTxCount": Rule.NEVER,
+    "node_getTxByHash": Rule.NEVER,
+    "node_getTxsByHash": Rule.NEVER,
+    "node_sendTx": Rule.NEVER,
+    "node_isValidTx": Rule.NEVER,
+    "node_simulatePublicCalls": Rule.NEVER,
+    "node_registerContractFunctionSignatures": Rule.NEVER,
+    "p2p_getPeers": Rule.NEVER,
+    "p2p_getPendingTxs": Rule.NEVER,
+    "p2p_getPendingTxCount": Rule.NEVER,
+    "p2p_getEncodedEnr": Rule.NEVER,
+    "p2p_getTxByHash": Rule.NEVER,
+    "p2p_getTxStatus": Rule.NEVER,
+    "p2p_getAttestationsForSlot": Rule.NEVER,
+    # Tips, fees and chain constants.
+    "node_getBlockNumber": Rule.VOLATILE,
+    "node_getProvenBlockNumber": Rule.VOLATILE,
+    "node_getCheckpointedBlockNumber": Rule.VOLATILE,
+    "node_getL2Tips": Rule.VOLATILE,
+    "node_getCurrentMinFees": Rule.VOLATILE,
+    "node_getCurrentBaseFees": Rule.VOLATILE,
+    "node_getMaxPriorityFees": Rule.VOLATILE,
+    "node_getNodeInfo": Rule.VOLATILE,
+    "node_getChainId": Rule.VOLATILE,
+    "node_getVersion": Rule.VOLATILE,
+    "node_getL1ContractAddresses": Rule.VOLATILE,
+    "node_getProtocolContractAddresses": Rule.VOLATILE,
+    "node_getContract": Rule.VOLATILE,
+    # Blocks.
+    "node_getBlock": Rule.BLOCK,
+    "node_getBlockHeader": Rule.BLOCK,
+    "node_getBlockByHash": Rule.BLOCK_BY_HASH,
+    "node_getBlocks": Rule.BLOCK_RANGE,
+    # Transactions.
+    "node_getTxReceipt": Rule.RECEIPT,
+    "node_getTxEffect": Rule.TX_EFFECT,
+    # World state at a block.
+    "node_getPublicStorageAt": Rule.STATE_AT_BLOCK,
+    "node_findLeavesIndexes": Rule.STATE_AT_BLOCK,
+    "node_getNullifierMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getLowNullifierMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getPublicDataWitness": Rule.STATE_AT_BLOCK,
+    "node_getPublicDataTreeWitness": Rule.STATE_AT_BLOCK,
+    "node_getArchiveMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getNoteHashMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getL1ToL2MessageMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getBlockHashMembershipWitness": Rule.STATE_AT_BLOCK,
+    "node_getArchiveSiblingPath": Rule.STATE_AT_BLOCK,
+    "node_getNoteHashSiblingPath": Rule.STATE_AT_BLOCK,
+    "node_getNullifierSiblingPath": Rule.STATE_AT_BLOCK,
+    "node_getPublicDataSiblingPath": Rule.STATE_AT_BLOCK,
+    "node_getL1ToL2MessageSiblingPath": Rule.STATE_AT_BLOCK,
+    # Content-addressed.
+    "node_getContractClass": Rule.CONTENT_ADDRESSED,
+}
+
+_BLOCK_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
+_canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a call before it is answered.
+
+    ``kind``: ``immutable`` (the params prove the answer final), ``volatile`` (cache it briefly;
+    :func:`storable` may still find the answer final) or ``never`` (do not look up, do not store).
+    ``ttl``: None for immutable (kept until evicted), ``volatile_ttl`` for volatile, 0 for never.
+    ``key``: the cache key; empty for never, so a large write (``node_sendTx``) is not serialised
+    for nothing.
+    """
+
+    kind: str
+    ttl: float | None
+    key: bytes
+
+
+NEVER_DECISION = Decision(NEVER, 0.0, b"")
+
+
+def cache_key(method: str, params: Any) -> bytes:
+    """``method:`` + the params as canonical JSON (sorted keys, no whitespace).
+
+    JSON types stay apart (``5`` is a block number, ``"5"`` a hash) and the call's ``id`` is not
+    part of it, so callers with different ids share entries. Only methods of :data:`RULES` get a
+    key, and none of their names holds a ``:``, so the method/params boundary is unambiguous.
+    """
+    return f"{method}:{_canonical(params)}".encode()
+
+
+def _height(value: Any) -> int | None:
+    """A block height as a node writes it (a JSON number; 2.x/3.x may use a decimal string)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdecimal():
+        return int(value)
+    return None
+
+
+def _finalized_of(tips: Any) -> int | None:
+    """The finalized height in one ``node_getL2Tips`` result (4.x or 2.x/3.x shape), else None."""
+    if not isinstance(tips, dict):
+        return None
+    finalized = tips.get("finalized")
+    if not isinstance(finalized, dict):
+        return None
+    block = finalized.get("block", finalized)  # 4.x: {block: {number, hash}, checkpoint: ...}
+    return _height(block.get("number")) if isinstance(block, dict) else None
+
+
+def finalized_tip(tips: Iterable[Any]) -> int | None:
+    """The highest height that more than half of the given nodes report as finalized.
+
+    ``tips`` holds one ``node_getL2Tips`` result per healthy node. An unreadable result still
+    counts as a node (one that vouches for nothing), so garbage cannot turn a minority into a
+    majority. With one node, that node is the majority; with several, one node's claim alone
+    never moves the tip.
+    """
+    reports = list(tips)
+    needed = len(reports) // 2 + 1
+    heights = sorted((h for h in map(_finalized_of, reports) if h is not None), reverse=True)
+    return heights[needed - 1] if len(heights) >= needed else None
+
+
+def _block_number_param(params: Any) -> int | None:
+    """The first param when it is a JSON number (a decimal string is a hash, not a height)."""
+    if isinstance(params, list) and params:
+        first = params[0]
+        if isinstance(first, int) and not isinstance(first, bool) and first >= 0:
+            return first
+    return None
+
+
+def _block_hash_param(params: Any) -> bool:
+    """True when the first param is a block hash (``"latest"`` and other tags never are)."""
+    return isinstance(params, list) and bool(params) and isinstance(params[0], str) \
+        and _BLOCK_HASH.fullmatch(params[0]) is not None
+
+
+def _range_param(params: Any) -> tuple[int, int] | None:
+    """``(from, limit)`` of a ``node_getBlocks`` call, when both are positive JSON numbers."""
+    if isinstance(params, list) and len(params) >= 2:
+        start, limit = params[0], params[1]
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (start, limit)):
+            return start, limit
+    return None
+
+
+def _final_by_params(rule: Rule, params: Any, finalized: int | None) -> bool:
+    """True when the params alone pin the answer to finalized blocks."""
+    if finalized is None:
+        return False
+    if rule is Rule.BLOCK or rule is Rule.STATE_AT_BLOCK:
+        number = _block_number_param(params)
+        return number is not None and number <= finalized
+    if rule is Rule.BLOCK_RANGE:
+        page = _range_param(params)
+        return page is not None and page[0] + page[1] - 1 <= finalized
+    return False
+
+
+def _block_number_of(result: Any) -> int | None:
+    """The number of a block or block header answer (``number``, or the header's globalVariables)."""
+    if not isinstance(result, dict):
+        return None
+    number = _height(result.get("number"))
+    if number is not None:
+        return number
+    header = result.get("header", result)
+    variables = header.get("globalVariables") if isinstance(header, dict) else None
+    return _height(variables.get("blockNumber")) if isinstance(variables, dict) else None
+
+
+def _final_by_answer(rule: Rule, params: Any, result: Any, finalized: int | None) -> bool:
+    """True when a (present) answer shows by itself that it can no longer change."""
+    if rule is Rule.CONTENT_ADDRESSED:
+        return True
+    if rule is Rule.RECEIPT:
+        return isinstance(result, dict) and result.get("status") == "finalized"
+    if finalized is None:
+        return False
+    if rule is Rule.TX_EFFECT:
+        number = _height(result.get("l2BlockNumber")) if isinstance(result, dict) else None
+    elif rule is Rule.BLOCK_BY_HASH or (rule is Rule.BLOCK and _block_hash_param(params)):
+        number = _block_number_of(result)
+    else:
+        return False
+    return number is not None and number <= finalized
+
+
+def _complete(rule: Rule, params: Any, result: Any) -> bool:
+    """False for a ``getBlocks`` page shorter than asked: the node that sent it is behind."""
+    if rule is Rule.BLOCK_RANGE:
+        page = _range_param(params)
+        return page is not None and isinstance(result, list) and len(result) == page[1]
+    return True
+
+
+def decide(method: str, params: Any, finalized: int | None,
+           volatile_ttl: float = DEFAULT_VOLATILE_TTL) -> Decision:
+    """The decision for a call; ``params`` is the request's ``params`` (``[]`` when absent).
+
+    A block number above the finalized tip is volatile, not never: its answer may still change
+    (a reorg, a prune), but no more often than the tip that callers poll anyway.
+    """
+    rule = RULES.get(method, Rule.NEVER)
+    if rule is Rule.NEVER:
+        return NEVER_DECISION
+    key = cache_key(method, params)
+    if _final_by_params(rule, params, finalized):
+        return Decision(IMMUTABLE, None, key)
+    return Decision(VOLATILE, volatile_ttl, key)
+
+
+def storable(decision: Decision, method: str, params: Any, result_present: bool, result: Any,
+             finalized: int | None, *, error: bool = False) -> float | None:
+    """Seconds to keep this answer: :data:`FOREVER`, a volatile TTL, or None for "do not store".
+
+    ``result_present`` is False for a not-found answer (no ``result`` key); pass ``error=True``
+    for an ``error`` answer, which is never stored. ``finalized`` is the current majority tip (it
+    may have moved since :func:`decide`).
+
+    Not-found is stored only for a volatile decision, and only for ``volatile_ttl``: a block or
+    tx that does not exist yet will exist soon, and polling callers share one "not yet". When the
+    params name finalized data, a not-found (or a short ``getBlocks`` page) comes from a node that
+    is behind or broken, and is not passed on to other callers at all.
+    """
+    if error or decision.kind == NEVER:
+        return None
+    rule = RULES.get(method, Rule.NEVER)
+    if decision.kind == IMMUTABLE:
+        return FOREVER if result_present and _complete(rule, params, result) else None
+    if result_present and _final_by_answer(rule, params, result, finalized):
+        return FOREVER
+    ttl = decision.ttl
+    return ttl if ttl is not None and ttl > 0 else None
