@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# A load benchmark (needs wrk: apt-get install wrk); not part of the tests. See docs/performance.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .hypothesis

@@ -22,7 +22,7 @@ from .answers import entry_from_store, item_bytes, store_value
 from .cache_policy import FOREVER, NEVER, Decision, decide, storable
 from .coalesce import Entry, Flight, SingleFlight
 from .backends import Backend, BackendPool
-from .logs import observer
+from .logs import AccessLog, observer
 from .metrics import NO_BACKEND, Metrics
 from .status import RequestTotals
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -31,8 +31,6 @@ if TYPE_CHECKING:  # importing the cache module imports txredisapi, which instal
     from .cache import IResponseCache
 
 log = Logger(observer=observer)
-#: One line per proxied request, in its own namespace so shippers and LOG_LEVEL can single it out.
-access_log = Logger(namespace="sentinel_proxy.access", observer=observer)
 
 #: Headers of answers the gateway writes itself; CORS as the nodes send it, so browsers see errors.
 JSON_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -207,7 +205,7 @@ def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
 class Forwarder:
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, clock: IReactorTime,
-                 limits: Limits, access_log: bool = True, cache: IResponseCache | None = None,
+                 limits: Limits, access_log: AccessLog | None = None, cache: IResponseCache | None = None,
                  volatile_ttl: float = 1.0):
         self._cache = cache
         self._volatile_ttl = volatile_ttl
@@ -225,7 +223,7 @@ class Forwarder:
         self.in_flight = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
 
-    def configure(self, limits: Limits, access_log: bool) -> None:
+    def configure(self, limits: Limits, access_log: AccessLog | None) -> None:
         """New limits (SIGHUP); requests in flight finish under the old ones."""
         self._limits = limits
         self._access_log = access_log
@@ -259,13 +257,11 @@ class Forwarder:
             reply.headers += [(b"x-sentinel-backend", backend.name.encode("ascii", "replace")),
                               (b"x-sentinel-node-type", (backend.node_type or "unknown").encode("ascii")),
                               (b"x-sentinel-attempts", str(reply.attempts).encode("ascii"))]
-        if self._access_log:
-            access_log.info(
-                "{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
-                "{duration_ms:.1f}ms attempts={attempts}",
-                request_id=caller.request_id, client=caller.address, route=route,
-                methods=methods_summary(reply.methods), calls=len(reply.methods), backend=backend.name if backend else "-",
-                status=reply.status, outcome=reply.outcome, duration_ms=elapsed * 1000.0, attempts=reply.attempts)
+        if self._access_log is not None:
+            self._access_log.write(self._clock.seconds(), caller.request_id, caller.address, route,
+                                   methods_summary(reply.methods), len(reply.methods),
+                                   backend.name if backend else "-", reply.status, reply.outcome, elapsed * 1000.0,
+                                   reply.attempts)
         return reply
 
     async def _counted(self, route: str, body: bytes, headers: Headers, body_too_large: bool,

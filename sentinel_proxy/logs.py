@@ -65,3 +65,53 @@ class JsonLinesObserver:
 
 def json_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
     return FilteringLogObserver(JsonLinesObserver(stream or sys.stdout), [_predicate])
+
+
+class AccessLog:
+    """One line per proxied request, written by our own code to stdout in batches.
+
+    Through twisted.logger each line cost ~50 µs (an event, its formatting, a write and a flush
+    per line: 12 % of a request, profiled with py-spy); here a line is one f-string (or one
+    ``json.dumps``) appended to a buffer that is written every ``FLUSH_INTERVAL`` seconds (and
+    when it holds ``FLUSH_LINES``), in the same shape as the rest of the log.
+    """
+
+    FLUSH_INTERVAL = 0.2
+    FLUSH_LINES = 512
+
+    def __init__(self, stream: IO[str], json_lines: bool):
+        self._stream = stream
+        self._json = json_lines
+        self._lines: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def _prefix(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000")
+        return self._stamp
+
+    def write(self, now: float, request_id: str, client: str, route: str, methods: str, calls: int, backend: str,
+              status: int, outcome: str, duration_ms: float, attempts: int) -> None:
+        message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
+                   f"{duration_ms:.1f}ms attempts={attempts}")
+        if self._json:
+            line = json.dumps({
+                "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+                "level": "info", "namespace": "sentinel_proxy.access", "message": message,
+                "request_id": request_id, "client": client, "route": route, "methods": methods, "calls": calls,
+                "backend": backend, "status": status, "outcome": outcome, "duration_ms": duration_ms,
+                "attempts": attempts})
+        else:
+            line = f"{self._prefix(now)} [sentinel_proxy.access#info] {message}"
+        self._lines.append(line)
+        if len(self._lines) >= self.FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            lines, self._lines = self._lines, []
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()

@@ -8,6 +8,8 @@ boundaries between the gateway and its upstreams, e.g.::
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet import endpoints
@@ -34,6 +36,9 @@ class Options(usage.Options):
         ["committee", None, _DEFAULTS.committee_size, "Validators per epoch committee.", int],
         ["slot-seconds", None, _DEFAULTS.slot_seconds, "Seconds per slot.", float],
         ["block-seconds", None, _DEFAULTS.block_seconds, "Seconds between blocks (tip +1).", float],
+        ["history-epochs", None, None, "Epochs of validator-sentinel history (the scenario's otherwise).", int],
+        ["delay-ms", None, None, "Latency added to every answer, in ms (a real node's; the scenario's otherwise).",
+         int],
     ]
 
     def postOptions(self) -> None:
@@ -59,7 +64,12 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    node = SimulatedNode(options["scenario"], options["chain"], clock=reactor)
+    scenario = SCENARIOS[options["scenario"]]
+    if options["delay-ms"] is not None:
+        scenario = dataclasses.replace(scenario, delay_seconds=options["delay-ms"] / 1000.0)
+    if options["history-epochs"] is not None:
+        scenario = dataclasses.replace(scenario, history_epochs=options["history-epochs"])
+    node = SimulatedNode(scenario, options["chain"], clock=reactor)
     log.info(
         "simulated Aztec node ({scenario}) listening on {listen}",
         scenario=options["scenario"],

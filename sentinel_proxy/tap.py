@@ -7,10 +7,12 @@ and is what tests call with their own reactor and settings.
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import fields, replace
 from functools import partial
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
@@ -106,6 +108,11 @@ RELOADABLE = frozenset({
 })
 
 
+def access_log_of(settings: Settings, access_log: logs.AccessLog) -> logs.AccessLog | None:
+    """The access log when it is on and LOG_LEVEL lets info lines through."""
+    return access_log if settings.access_log and settings.log_level in ("debug", "info") else None
+
+
 def limits_of(settings: Settings) -> Limits:
     return Limits(max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
                   timeout=settings.request_timeout, attempt_timeout=settings.attempt_timeout_ms / 1000.0,
@@ -169,8 +176,13 @@ class GatewayService(MultiService):
         if self.cache is not None:
             self.metrics.watch_cache(self.cache)
             CacheService(self.cache).setServiceParent(self)
+        self.access_log = logs.AccessLog(sys.stdout, settings.log_format == "json")
         self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, limits_of(settings),
-                                   settings.access_log, self.cache, settings.cache_volatile_ttl_ms / 1000.0)
+                                   access_log_of(settings, self.access_log), self.cache,
+                                   settings.cache_volatile_ttl_ms / 1000.0)
+        flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, self.access_log.flush)
+        flusher.clock = reactor
+        flusher.setServiceParent(self)
         app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor)
 
         self.demo = None
@@ -247,6 +259,7 @@ class GatewayService(MultiService):
         await self.site.close_connections(self._reactor, max(0.5, deadline - self._reactor.seconds()))
         rest = [s for s in reversed(list(self)) if s is not self.listener]
         await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in rest], consumeErrors=True)
+        self.access_log.flush()
 
     def reload(self) -> None:
         """SIGHUP: read the environment and .env again; apply what can change live, refuse a bad config."""
@@ -279,7 +292,7 @@ class GatewayService(MultiService):
         self.pool.replace(backends)
         self.pool.set_max_lag(settings.max_block_lag)
         self.pool.set_breaker_policy(breaker_policy_of(settings))
-        self.forwarder.configure(limits_of(settings), settings.access_log)
+        self.forwarder.configure(limits_of(settings), access_log_of(settings, self.access_log))
         self.health.configure(settings.health_check_interval_ms / 1000.0, settings.request_timeout)
         self.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
                                  integrity_params(settings))

@@ -131,10 +131,32 @@ class DirectEndpointFactory:
         return self._standard.endpointForURI(uri)
 
 
+def no_delay(protocol: Any) -> Any:
+    """Turn Nagle's algorithm off on the protocol's TCP connection as soon as it has one.
+
+    The agent writes a request's headers and its body in two writes; with Nagle on, the body waits
+    for the node's delayed ACK of the headers: measured +23 ms p50 against a 20 ms node.
+    """
+    make_connection = protocol.makeConnection
+
+    def make(transport: Any) -> None:
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        make_connection(transport)
+
+    protocol.makeConnection = make
+    return protocol
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """One factory per pooled connection: without this, each logs "Starting/Stopping factory"."""
+    """One factory per pooled connection: without ``noisy = False``, each logs "Starting/Stopping
+    factory"; and every connection gets TCP_NODELAY."""
 
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return no_delay(super().buildProtocol(addr))
 
 
 class UpstreamError(Exception):

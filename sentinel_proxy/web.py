@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
+from random import getrandbits as _random_bits  # ids need to be unique, not secret: no syscall
 from typing import Any
 
 from pathlib import Path
 
 from klein import Klein
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web import pages
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from .backends import BackendPool
 from .forwarder import Caller, Forwarder, Reply
 from .metrics import Metrics
 from .status import health_document
+from .logs import observer
+from .upstream import no_delay
+
+log = Logger(observer=observer)
 
 #: Shipped inside the package: operators run this in closed networks, so no CDN, no web fonts.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -45,7 +52,7 @@ def request_id_of(request: Request) -> str:
     given = request.getHeader(b"x-request-id")
     if given is not None and _REQUEST_ID.match(given):
         return given.decode("ascii")
-    return secrets.token_hex(8)
+    return f"{_random_bits(64):016x}"
 
 
 def caller_of(request: Request) -> Caller:
@@ -93,7 +100,7 @@ class GatewaySite(Site):
         self.channels: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
+        channel = no_delay(super().buildProtocol(addr))
         self.channels.add(channel)
         lost = channel.connectionLost
 
@@ -131,6 +138,52 @@ def make_site(resource: Any, max_body_bytes: int, idle_timeout: float = 60.0) ->
                        timeout=idle_timeout)
 
 
+#: The RPC routes: request path -> route tag.
+RPC_ROUTES = {b"/": "/", b"/archiver": "/archiver", b"/pruned": "/pruned"}
+
+
+class GatewayRoot(Resource):
+    """``POST`` on the RPC routes goes straight to the forwarder; everything else to the Klein app.
+
+    Klein's routing, request adaptation and extra Deferred layers cost ~35 µs per request (8 % of
+    the request path, profiled with py-spy): the routes that carry all the traffic skip them.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: GatewayApp, routes: Any):
+        super().__init__()
+        self._app = app
+        self._routes = routes
+
+    def render(self, request: Request) -> Any:
+        route = RPC_ROUTES.get(request.path) if request.method == b"POST" else None
+        if route is None:
+            return self._routes.render(request)
+        handling = defer.Deferred.fromCoroutine(self._app.proxy(request, route))
+        gone: list[bool] = []
+
+        def client_left(_: Any) -> None:
+            gone.append(True)
+            handling.cancel()  # its upstream call is cancelled too
+
+        def answer(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if failure.check(defer.CancelledError) or gone:
+                return
+            log.failure("request on {route} failed in the web layer", failure, route=route)
+            request.setResponseCode(500)
+            request.finish()
+
+        request.notifyFinish().addErrback(client_left)
+        handling.addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+
 class GatewayApp:
     app = Klein()
 
@@ -141,8 +194,8 @@ class GatewayApp:
         self._clock = clock
         self._started = clock.seconds()
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return GatewayRoot(self, self.app.resource())
 
     @staticmethod
     def _write(request: Request, reply: Reply) -> bytes:
@@ -154,22 +207,10 @@ class GatewayApp:
         headers.setRawHeaders(b"content-length", [str(len(reply.body)).encode("ascii")])
         return reply.body
 
-    async def _proxy(self, request: Request, route: str) -> bytes:
+    async def proxy(self, request: Request, route: str) -> bytes:
         reply = await self._forwarder.handle(route, request.content.read(), request.requestHeaders,
                                              getattr(request, "body_too_large", False), caller_of(request))
         return self._write(request, reply)
-
-    @app.route("/", methods=["POST"])
-    def rpc_any(self, request: Request) -> Any:
-        return self._proxy(request, "/")
-
-    @app.route("/archiver", methods=["POST"])
-    def rpc_archiver(self, request: Request) -> Any:
-        return self._proxy(request, "/archiver")
-
-    @app.route("/pruned", methods=["POST"])
-    def rpc_pruned(self, request: Request) -> Any:
-        return self._proxy(request, "/pruned")
 
     @app.route("/", methods=["OPTIONS"])
     @app.route("/archiver", methods=["OPTIONS"])
