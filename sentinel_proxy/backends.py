@@ -129,6 +129,8 @@ class Backend:
     tips: Any = None
     #: Why the node gets no traffic although it is healthy: reason kind -> explanation.
     quarantine: dict[str, str] = field(default_factory=dict)
+    #: Set by an operator (/admin/drain): no new traffic; requests in flight finish.
+    drained: bool = False
     latency: LatencyWindow = field(default_factory=LatencyWindow, repr=False)
     #: Latencies (ms) of recent successful requests: the hedge delay is their p95.
     answer_latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW), repr=False)
@@ -157,7 +159,7 @@ class Backend:
 
     @property
     def eligible(self) -> bool:
-        return self.healthy and not self.quarantine
+        return self.healthy and not self.quarantine and not self.drained
 
     @property
     def trusted(self) -> bool:
@@ -166,6 +168,8 @@ class Backend:
     @property
     def routing(self) -> str:
         """How the request path treats the node, for /health."""
+        if self.drained:
+            return "drained"
         if not self.healthy:
             return "down"
         if self.quarantine:
@@ -265,6 +269,16 @@ class BackendPool:
         if len(candidates) == 1:
             return candidates[0]
         return scoring.weighted_choice(candidates, scoring.weights([b.priority for b in candidates]), self._random)
+
+    def find(self, name: str) -> Backend | None:
+        """A backend by its name, or by its URL as /health shows it."""
+        return next((b for b in self.backends if name in (b.name, b.label)), None)
+
+    def drain(self, backend: Backend, drained: bool) -> None:
+        backend.drained = drained
+        log.info("backend {backend} {action} by an operator", backend=backend.name,
+                 action="drained" if drained else "undrained")
+        self._rebuild()
 
     def set_max_lag(self, max_block_lag: int) -> None:
         self._max_lag = max_block_lag

@@ -99,6 +99,25 @@ def _cache(raw: str) -> str:
     return text
 
 
+_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9]*_(\*|[A-Za-z0-9_]+)\Z")
+
+
+def _methods(raw: str) -> tuple[str, ...]:
+    """Comma-separated method names (``node_getBlock``) or namespaces (``p2p_*``)."""
+    patterns = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for pattern in patterns:
+        if not _PATTERN.match(pattern):
+            raise ValueError(f"{pattern!r} is not a method name or a namespace pattern such as node_*")
+    return patterns
+
+
+def _token(raw: str) -> str:
+    token = raw.strip()
+    if token and len(token) < 16:
+        raise ValueError("is shorter than 16 characters (use a long random token, e.g. openssl rand -hex 32)")
+    return token
+
+
 def parse_backend_url(raw: str) -> str:
     """Check one backend URL; the URL is kept as written so /health shows what the operator set."""
     url = raw.strip()
@@ -189,6 +208,17 @@ SPECS: tuple[Spec, ...] = (
          "how long an open breaker keeps a node out before probing it, in ms"),
     Spec("breaker_close_successes", "BREAKER_CLOSE_SUCCESSES", "8", _integer(1),
          "successful probes in a row that close the breaker again"),
+    Spec("method_allow", "METHOD_ALLOW", "node_*,p2p_*", _methods,
+         "methods forwarded: names or namespaces (ns_*); nodeAdmin_* is never forwarded whatever this says"),
+    Spec("method_deny", "METHOD_DENY", "", _methods, "methods refused even when allowed (deny wins)"),
+    Spec("archiver_method_allow", "ARCHIVER_METHOD_ALLOW", "", _methods,
+         "a narrower allow list for /archiver (empty: METHOD_ALLOW)"),
+    Spec("pruned_method_allow", "PRUNED_METHOD_ALLOW", "", _methods,
+         "a narrower allow list for /pruned (empty: METHOD_ALLOW)"),
+    Spec("admin_token", "ADMIN_TOKEN", "", _token,
+         "bearer token of the /admin endpoints (drain, checks, config); admin is disabled when unset"),
+    Spec("protect_status", "PROTECT_STATUS", "off", _switch,
+         "on: /health and /dashboard also need the admin token (/ready and /metrics stay open)"),
     Spec("cache", "CACHE", "memory", _cache,
          "response cache: off, memory, or redis://host:port/db (shared by several gateways)"),
     Spec("cache_size_mb", "CACHE_SIZE_MB", "64", _integer(1), "size of the in-memory cache, in MB"),
@@ -263,6 +293,12 @@ class Settings:
     breaker_window_failures: int
     breaker_cooldown_ms: int
     breaker_close_successes: int
+    method_allow: tuple[str, ...]
+    method_deny: tuple[str, ...]
+    archiver_method_allow: tuple[str, ...]
+    pruned_method_allow: tuple[str, ...]
+    admin_token: str
+    protect_status: bool
     cache: str
     cache_size_mb: int
     cache_volatile_ttl_ms: int

@@ -151,6 +151,8 @@ class Limits:
     #: Seconds before the hedge goes out; 0 = the first node's p95 latency.
     hedge_delay: float = 0.0
     max_in_flight: int = 1024
+    #: Method policy per route ("/", "/archiver", "/pruned"); absent routes use the default.
+    policies: dict[str, jsonrpc.MethodPolicy] = field(default_factory=dict)
 
 
 #: Hedge delay while a node has too few answers for a p95.
@@ -293,7 +295,8 @@ class Forwarder:
             return error_reply(413, jsonrpc.INVALID_REQUEST, f"Request body exceeds {limits.max_body} bytes")
         content_encoding = headers.getRawHeaders(b"content-encoding", [None])[0]
         try:
-            parsed = jsonrpc.parse_request(decode_body(body, content_encoding, limits.max_body), limits.max_batch)
+            parsed = jsonrpc.parse_request(decode_body(body, content_encoding, limits.max_body), limits.max_batch,
+                                           limits.policies.get(route, jsonrpc.DEFAULT_POLICY))
             parsed = self._refuse_unavailable(route, parsed)
         except jsonrpc.RequestError as refusal:
             return Reply(refusal.http_status, refusal.body())

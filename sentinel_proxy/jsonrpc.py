@@ -26,7 +26,8 @@ BLOCK_UNAVAILABLE = -32004
 #: Gateway-defined: too many requests in flight (HTTP 503 with Retry-After).
 OVERLOADED = -32005
 
-ALLOWED_PREFIXES = ("node_", "p2p_")
+#: Never forwarded, whatever the policy says: the node's admin API (aztec-node-api.md).
+ADMIN_PREFIX = "nodeAdmin_"
 #: Calls with effects (writes): sent to a second node only if the first provably never got them.
 UNSAFE_METHODS = frozenset({"node_sendTx"})
 
@@ -46,9 +47,34 @@ def error_body(request_id: Any, code: int, message: str) -> bytes:
     return encode(error_item(request_id, code, message))
 
 
+@dataclass(frozen=True)
+class MethodPolicy:
+    """Which methods go upstream: names or ``namespace_*`` patterns; deny wins over allow, and
+    ``nodeAdmin_*`` is refused whatever either list says."""
+
+    allow: tuple[str, ...] = ("node_*", "p2p_*")
+    deny: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("allow", "deny"):
+            patterns = getattr(self, name)
+            object.__setattr__(self, f"_{name}_exact", frozenset(p for p in patterns if not p.endswith("*")))
+            object.__setattr__(self, f"_{name}_prefixes", tuple(p[:-1] for p in patterns if p.endswith("*")))
+
+    def allows(self, method: str) -> bool:
+        if method.startswith(ADMIN_PREFIX):
+            return False
+        if method in self._deny_exact or method.startswith(self._deny_prefixes):  # type: ignore[attr-defined]
+            return False
+        return method in self._allow_exact or method.startswith(self._allow_prefixes)  # type: ignore[attr-defined]
+
+
+DEFAULT_POLICY = MethodPolicy()
+
+
 def is_allowed(method: str) -> bool:
-    """Only the node's public namespaces go upstream; ``nodeAdmin_*`` and the rest never do."""
-    return method.startswith(ALLOWED_PREFIXES)
+    """The default policy: only the node's public namespaces go upstream."""
+    return DEFAULT_POLICY.allows(method)
 
 
 class RequestError(Exception):
@@ -90,7 +116,7 @@ class ParsedRequest:
         return tuple(call.method for call in self.calls)
 
 
-def _check_call(item: Any) -> tuple[str | None, dict[str, Any] | None]:
+def _check_call(item: Any, policy: MethodPolicy) -> tuple[str | None, dict[str, Any] | None]:
     """Return (method, None) for a valid allowed call, else (None, error item)."""
     if not isinstance(item, dict):
         return None, error_item(None, INVALID_REQUEST, "Invalid Request: not a JSON object")
@@ -105,14 +131,12 @@ def _check_call(item: Any) -> tuple[str | None, dict[str, Any] | None]:
     params = item.get("params", [])
     if not isinstance(params, (list, dict)):
         return None, error_item(request_id, INVALID_REQUEST, 'Invalid Request: "params" must be an array or object')
-    if not is_allowed(method):
-        return None, error_item(
-            request_id, METHOD_NOT_FOUND,
-            f"Method not allowed: {method} (this gateway serves only node_* and p2p_* methods)")
+    if not policy.allows(method):
+        return None, error_item(request_id, METHOD_NOT_FOUND, f"Method not allowed by this gateway: {method}")
     return method, None
 
 
-def parse_request(body: bytes, max_batch: int) -> ParsedRequest:
+def parse_request(body: bytes, max_batch: int, policy: MethodPolicy = DEFAULT_POLICY) -> ParsedRequest:
     """Validate a request body once; raise :class:`RequestError` when nothing can be forwarded.
 
     In a batch, a bad or refused item becomes that item's own error (as a node answers it) while
@@ -131,13 +155,13 @@ def parse_request(body: bytes, max_batch: int) -> ParsedRequest:
         calls: list[Call] = []
         refused: dict[int, dict[str, Any]] = {}
         for position, item in enumerate(document):
-            method, error = _check_call(item)
+            method, error = _check_call(item, policy)
             if error is not None:
                 refused[position] = error
             else:
                 calls.append(Call(position, method, item))
         return ParsedRequest(True, tuple(calls), refused)
-    method, error = _check_call(document)
+    method, error = _check_call(document, policy)
     if error is not None:
         raise RequestError(error["error"]["code"], error["error"]["message"], error["id"])
     return ParsedRequest(False, (Call(0, method, document),), {})

@@ -22,11 +22,13 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import logs
+from .admin import Admin
 from .backends import BackendPool
 from .checks import HealthService, IntegrityService
 from .config import SPECS, ConfigError, Settings, load_settings
 from .forwarder import Forwarder, Limits
 from .integrity import IntegrityParams
+from .jsonrpc import MethodPolicy
 from .metrics import Metrics
 from .scoring import BreakerPolicy
 from .upstream import UpstreamClient
@@ -105,6 +107,7 @@ RELOADABLE = frozenset({
     "breaker_cooldown_ms", "breaker_close_successes", "max_in_flight", "max_block_lag", "max_batch_size",
     "health_check_interval_ms", "integrity_check_interval_ms", "integrity_check_epochs",
     "integrity_score_threshold", "slots_per_epoch", "expected_validators", "archiver_threshold_epochs",
+    "method_allow", "method_deny", "archiver_method_allow", "pruned_method_allow", "admin_token", "protect_status",
 })
 
 
@@ -113,8 +116,17 @@ def access_log_of(settings: Settings, access_log: logs.AccessLog) -> logs.Access
     return access_log if settings.access_log and settings.log_level in ("debug", "info") else None
 
 
+def policies_of(settings: Settings) -> dict[str, MethodPolicy]:
+    """The method policy of each route: /archiver and /pruned may narrow the allow list."""
+    def policy(allow: tuple[str, ...]) -> MethodPolicy:
+        return MethodPolicy(allow or settings.method_allow, settings.method_deny)
+
+    return {"/": policy(()), "/archiver": policy(settings.archiver_method_allow),
+            "/pruned": policy(settings.pruned_method_allow)}
+
+
 def limits_of(settings: Settings) -> Limits:
-    return Limits(max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
+    return Limits(policies=policies_of(settings), max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
                   timeout=settings.request_timeout, attempt_timeout=settings.attempt_timeout_ms / 1000.0,
                   max_attempts=settings.max_attempts, hedge=settings.hedge,
                   hedge_delay=settings.hedge_delay_ms / 1000.0, max_in_flight=settings.max_in_flight)
@@ -183,7 +195,8 @@ class GatewayService(MultiService):
         flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, self.access_log.flush)
         flusher.clock = reactor
         flusher.setServiceParent(self)
-        app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor)
+        self.app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor, Admin(self))
+        self.app.configure_access(settings.admin_token, settings.protect_status)
 
         self.demo = None
         if settings.demo:
@@ -200,7 +213,7 @@ class GatewayService(MultiService):
             runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()), metrics=self.metrics)
         self.integrity.setServiceParent(self)
         UpstreamService(self.upstream).setServiceParent(self)
-        self.site = make_site(app.resource(), settings.max_body_bytes, settings.client_idle_timeout_ms / 1000.0)
+        self.site = make_site(self.app.resource(), settings.max_body_bytes, settings.client_idle_timeout_ms / 1000.0)
         self.listener = ListenService(settings.listen, self.site, reactor, demo=settings.demo)
         self.listener.setServiceParent(self)
 
@@ -293,6 +306,7 @@ class GatewayService(MultiService):
         self.pool.set_max_lag(settings.max_block_lag)
         self.pool.set_breaker_policy(breaker_policy_of(settings))
         self.forwarder.configure(limits_of(settings), access_log_of(settings, self.access_log))
+        self.app.configure_access(settings.admin_token, settings.protect_status)
         self.health.configure(settings.health_check_interval_ms / 1000.0, settings.request_timeout)
         self.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
                                  integrity_params(settings))

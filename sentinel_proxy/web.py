@@ -23,6 +23,7 @@ from twisted.web import pages
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
+from .admin import Admin, bearer, token_matches
 from .backends import BackendPool
 from .forwarder import Caller, Forwarder, Reply
 from .metrics import Metrics
@@ -187,12 +188,41 @@ class GatewayRoot(Resource):
 class GatewayApp:
     app = Klein()
 
-    def __init__(self, forwarder: Forwarder, pool: BackendPool, metrics: Metrics, clock: IReactorTime):
+    def __init__(self, forwarder: Forwarder, pool: BackendPool, metrics: Metrics, clock: IReactorTime,
+                 admin: Admin | None = None):
         self._forwarder = forwarder
         self._pool = pool
         self._metrics = metrics
         self._clock = clock
         self._started = clock.seconds()
+        self._admin = admin
+        self._token = ""
+        self._protect_status = False
+
+    def configure_access(self, admin_token: str, protect_status: bool) -> None:
+        """ADMIN_TOKEN and PROTECT_STATUS (at start, and again on SIGHUP: tokens rotate live)."""
+        self._token = admin_token
+        self._protect_status = protect_status
+
+    def _refused(self, request: Request, for_status: bool = False) -> bytes | None:
+        """None when the request may go on; else the answer: 404 when admin is off (the routes do
+        not exist then), 401 without a token, 403 with a wrong one."""
+        if for_status and not self._protect_status:
+            return None
+        if not self._token:
+            if for_status:
+                return None
+            request.setResponseCode(404)
+            return _json(request, {"error": "admin endpoints are disabled (ADMIN_TOKEN is not set)"})
+        given = bearer(request.getHeader(b"authorization")) or request.getHeader(b"x-admin-token")
+        if given is None:
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="sentinel-proxy"')
+            return _json(request, {"error": "a token is required (Authorization: Bearer ...)"})
+        if not token_matches(given, self._token):
+            request.setResponseCode(403)
+            return _json(request, {"error": "wrong token"})
+        return None
 
     def resource(self) -> Resource:
         return GatewayRoot(self, self.app.resource())
@@ -224,6 +254,9 @@ class GatewayApp:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: Request) -> bytes:
+        refused = self._refused(request, for_status=True)
+        if refused is not None:
+            return refused
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         document = health_document(self._pool, self._forwarder.totals, self._clock.seconds() - self._started)
         return json.dumps(document).encode()
@@ -244,6 +277,8 @@ class GatewayApp:
 
     @app.route("/dashboard", methods=["GET"])
     def dashboard(self, request: Request) -> bytes:
+        # The page itself holds no data; behind PROTECT_STATUS it asks /health with the token the
+        # operator puts in the URL fragment (#token=...), which never leaves the browser otherwise.
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
         return (STATIC_DIR / "dashboard.html").read_bytes()
@@ -251,3 +286,44 @@ class GatewayApp:
     @app.route("/static/", branch=True, methods=["GET"])
     def static(self, request: Request) -> File:
         return StaticFiles(str(STATIC_DIR))
+
+    @app.route("/admin/drain/<name>", methods=["POST"])
+    def drain(self, request: Request, name: str) -> bytes:
+        return self._drain(request, name, True)
+
+    @app.route("/admin/undrain/<name>", methods=["POST"])
+    def undrain(self, request: Request, name: str) -> bytes:
+        return self._drain(request, name, False)
+
+    def _drain(self, request: Request, name: str, drained: bool) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        assert self._admin is not None
+        result = self._admin.drain(name, drained)
+        if result is None:
+            request.setResponseCode(404)
+            return _json(request, {"error": f"no backend named {name!r}"})
+        return _json(request, result)
+
+    @app.route("/admin/check", methods=["POST"])
+    async def check(self, request: Request) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        assert self._admin is not None
+        return _json(request, await self._admin.check_now())
+
+    @app.route("/admin/config", methods=["GET"])
+    def config(self, request: Request) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        assert self._admin is not None
+        return _json(request, self._admin.config())
+
+
+def _json(request: Request, document: Any) -> bytes:
+    request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+    request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+    return json.dumps(document).encode()

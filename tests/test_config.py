@@ -104,7 +104,7 @@ def test_every_setting_is_documented():
     for spec in SPECS:
         for text in (reference, readme):
             assert f"`{spec.env}`" in text and f"`--{spec.option}`" in text, spec.env
-            if spec.default is not None:
+            if spec.default:
                 assert f"`{spec.default}`" in text, spec.env
 
 

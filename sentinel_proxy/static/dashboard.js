@@ -450,13 +450,22 @@
     }
   }
 
+  // With PROTECT_STATUS the gateway wants the admin token: the operator opens the page as
+  // /dashboard#token=... (a fragment is never sent to a server or written to its access log).
+  function healthHeaders() {
+    var headers = { Accept: "application/json" };
+    var match = /(?:^#|&)token=([^&]+)/.exec(window.location.hash || "");
+    if (match) { headers.Authorization = "Bearer " + decodeURIComponent(match[1]); }
+    return headers;
+  }
+
   function fetchHealth() {
     var controller = typeof AbortController === "function" ? new AbortController() : null;
     var timer = controller ? setTimeout(function () { controller.abort(); }, TIMEOUT_MS) : null;
     return fetch(HEALTH_URL, {
       cache: "no-store",
       credentials: "same-origin",
-      headers: { Accept: "application/json" },
+      headers: healthHeaders(),
       signal: controller ? controller.signal : undefined
     }).then(function (response) {
       // 503 still carries a /health document on some gateways: use it when it parses.
