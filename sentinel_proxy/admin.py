@@ -61,9 +61,17 @@ class Admin:
 
     def config(self) -> dict[str, Any]:
         """The effective settings, with every credential masked."""
-        document = asdict(self._service.settings)
-        document["backends"] = [{"name": name, "url": display_url(url)} for name, url in document["backends"]]
-        document["cache"] = mask_redis(document["cache"])
-        for name in SECRET_SETTINGS & document.keys():
-            document[name] = "***" if document[name] else ""
-        return document
+        return {name: masked(name, value) for name, value in asdict(self._service.settings).items()}
+
+
+def masked(name: str, value: Any) -> Any:
+    """A setting's value as it may be shown (in /admin/config and in reload log lines)."""
+    if name in SECRET_SETTINGS:
+        return "***" if value else ""
+    if name == "backends":
+        return [{"name": entry, "url": display_url(url)} for entry, url in value]
+    if name in ("cache", "rate_limit"):
+        return mask_redis(value)
+    if name == "trusted_proxies":
+        return [str(network) for network in value]
+    return value

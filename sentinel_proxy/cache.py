@@ -14,15 +14,13 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-import txredisapi
-from twisted.internet import defer
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .cache_address import parse_redis_url
+from .redis_link import RedisLink
 from .logs import observer
 
 log = Logger(observer=observer)
@@ -112,11 +110,6 @@ class MemoryCache:
         return succeed(None)
 
 
-#: Seconds to wait for a TCP connection to Redis before txredisapi tries again.
-CONNECT_TIMEOUT = 2.0
-#: Seconds without a reply after which txredisapi drops a connection (a hung Redis, a partition
-#: without a reset), so waiting replies do not pile up on a dead connection.
-REPLY_TIMEOUT = 2.0
 
 
 @implementer(IResponseCache)
@@ -140,62 +133,39 @@ class RedisCache:
     def __init__(self, url: str, reactor: IReactorTime, timeout: float = 0.05, *,
                  prefix: bytes = KEY_PREFIX, poolsize: int = 2, retry_interval: float = 1.0,
                  log_interval: float = 60.0):
-        self.address = parse_redis_url(url)
-        self._reactor = reactor
-        self._timeout = timeout
+        self._link = RedisLink(url, reactor, timeout, role="Redis cache", outage="serving cache misses",
+                               poolsize=poolsize, retry_interval=retry_interval, log_interval=log_interval)
+        self.address = self._link.address
         self._prefix = prefix
-        self._retry_interval = retry_interval
-        self._log_interval = log_interval
-        address = self.address
-        self._redis = txredisapi.lazyConnectionPool(
-            host=address.host, port=address.port, dbid=address.db, poolsize=poolsize, reconnect=True,
-            charset=None, convertNumbers=False, username=address.username, password=address.password,
-            connectTimeout=CONNECT_TIMEOUT, replyTimeout=REPLY_TIMEOUT)
-        self._retry_at = 0.0  # no call reaches Redis before this time
-        self._next_report = 0.0  # no outage line is logged before this time
-        self._unreported = 0  # failures since the last outage line
-        self._outage_reported = False
         self.hits = 0
         self.misses = 0
         self.stores = 0
-        self.errors = 0
+
+    @property
+    def errors(self) -> int:
+        return self._link.errors
 
     def get(self, key: bytes) -> Deferred:
-        if self._reactor.seconds() < self._retry_at:
+        if not self._link.usable:
             self.misses += 1
             return succeed(None)
-        return self._command("get", self._prefix + key).addCallbacks(self._got, self._get_failed)
+        return self._link.command("get", self._prefix + key).addCallbacks(self._got, self._get_failed)
 
     def set(self, key: bytes, value: bytes, ttl: float | None) -> Deferred:
-        if (ttl is not None and ttl <= 0) or self._reactor.seconds() < self._retry_at:
+        if (ttl is not None and ttl <= 0) or not self._link.usable:
             return succeed(None)
         if ttl is None or ttl == math.inf:
-            sent = self._command("set", self._prefix + key, value)
+            sent = self._link.command("set", self._prefix + key, value)
         else:
-            sent = self._command("set", self._prefix + key, value, pexpire=max(1, round(ttl * 1000)))
-        return sent.addCallbacks(self._stored, self._failed)
+            sent = self._link.command("set", self._prefix + key, value, pexpire=max(1, round(ttl * 1000)))
+        return sent.addCallbacks(self._stored, self._link.failed)
 
     def close(self) -> Deferred:
         """Disconnect (within a second at most); later calls are misses. Closing twice is a no-op."""
-        if self._retry_at == math.inf:
-            return succeed(None)
-        self._retry_at = math.inf
-        try:
-            closing = self._redis.disconnect()
-        except Exception:
-            closing = fail()
-        closing.addTimeout(1.0, self._reactor)
-        return closing.addBoth(lambda _: None)
-
-    def _command(self, name: str, *args: Any, **kwargs: Any) -> Deferred:
-        try:
-            sent = getattr(self._redis, name)(*args, **kwargs)
-        except Exception:
-            sent = fail()
-        return sent.addTimeout(self._timeout, self._reactor)
+        return self._link.close()
 
     def _got(self, value: Any) -> bytes | None:
-        self._reachable()
+        self._link.reachable()
         if isinstance(value, bytes):
             self.hits += 1
             return value
@@ -204,35 +174,9 @@ class RedisCache:
 
     def _get_failed(self, failure: Failure) -> None:
         self.misses += 1
-        self._failed(failure)
+        self._link.failed(failure)
 
     def _stored(self, _: Any) -> None:
-        self._reachable()
+        self._link.reachable()
         self.stores += 1
-
-    def _failed(self, failure: Failure) -> None:
-        """Count and (rate-limited) log a failed command, and stop calling Redis for a while."""
-        self.errors += 1
-        self._unreported += 1
-        now = self._reactor.seconds()
-        self._retry_at = max(self._retry_at, now + self._retry_interval)  # inf once closed
-        if now >= self._next_report:
-            self._next_report = now + self._log_interval
-            log.warn("Redis cache {address} unavailable ({reason}); serving cache misses "
-                     "({failures} failed calls since the last report)",
-                     address=str(self.address), reason=self._reason(failure), failures=self._unreported)
-            self._unreported = 0
-            self._outage_reported = True
-
-    def _reason(self, failure: Failure) -> str:
-        if failure.check(defer.TimeoutError):
-            return f"no answer within {self._timeout * 1000:g} ms"
-        message = failure.getErrorMessage()
-        name = failure.type.__name__ if failure.type is not None else "error"
-        return f"{name}: {message}" if message else name
-
-    def _reachable(self) -> None:
-        if self._outage_reported:
-            self._outage_reported = False
-            log.info("Redis cache {address} reachable again", address=str(self.address))
 

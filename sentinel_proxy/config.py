@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -118,6 +118,24 @@ def _token(raw: str) -> str:
     return token
 
 
+def _rate_limit(raw: str) -> str:
+    return _cache(raw)  # the same choice: off, memory, or a redis:// URL
+
+
+def _proxies(raw: str) -> tuple[Any, ...]:
+    from .ratelimit import parse_trusted_proxies  # imports no reactor
+
+    return parse_trusted_proxies(raw)
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for key in keys:
+        if len(key) < 16 or not key.isascii() or not key.isprintable():
+            raise ValueError("an API key is shorter than 16 characters or not printable ASCII (value not shown)")
+    return keys
+
+
 def parse_backend_url(raw: str) -> str:
     """Check one backend URL; the URL is kept as written so /health shows what the operator set."""
     url = raw.strip()
@@ -219,6 +237,16 @@ SPECS: tuple[Spec, ...] = (
          "bearer token of the /admin endpoints (drain, checks, config); admin is disabled when unset"),
     Spec("protect_status", "PROTECT_STATUS", "off", _switch,
          "on: /health and /dashboard also need the admin token (/ready and /metrics stay open)"),
+    Spec("rate_limit", "RATE_LIMIT", "off", _rate_limit,
+         "per-client rate limiting: off, memory, or redis://host:port/db (one limit shared by several gateways)"),
+    Spec("rate_limit_rate", "RATE_LIMIT_RATE", "20", _integer(1), "tokens per second per client address"),
+    Spec("rate_limit_burst", "RATE_LIMIT_BURST", "200", _integer(1), "bucket size per client address"),
+    Spec("trusted_proxies", "TRUSTED_PROXIES", "", _proxies,
+         "IPs/CIDRs of the proxies in front of the gateway, whose X-Forwarded-For is believed"),
+    Spec("api_keys", "API_KEYS", "", _keys,
+         "API keys (X-API-Key header or ?key=) with their own, higher limits; never logged"),
+    Spec("api_key_rate", "API_KEY_RATE", "200", _integer(1), "tokens per second per API key"),
+    Spec("api_key_burst", "API_KEY_BURST", "2000", _integer(1), "bucket size per API key"),
     Spec("cache", "CACHE", "memory", _cache,
          "response cache: off, memory, or redis://host:port/db (shared by several gateways)"),
     Spec("cache_size_mb", "CACHE_SIZE_MB", "64", _integer(1), "size of the in-memory cache, in MB"),
@@ -299,6 +327,13 @@ class Settings:
     pruned_method_allow: tuple[str, ...]
     admin_token: str
     protect_status: bool
+    rate_limit: str
+    rate_limit_rate: int
+    rate_limit_burst: int
+    trusted_proxies: tuple[Any, ...]
+    api_keys: tuple[str, ...]
+    api_key_rate: int
+    api_key_burst: int
     cache: str
     cache_size_mb: int
     cache_volatile_ttl_ms: int

@@ -7,7 +7,9 @@ go upstream and the answers are merged back in the caller's order.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,16 +21,18 @@ from twisted.web.http_headers import Headers
 
 from . import answers, jsonrpc, routing
 from .answers import entry_from_store, item_bytes, store_value
+from .backends import Backend, BackendPool
 from .cache_policy import FOREVER, NEVER, Decision, decide, storable
 from .coalesce import Entry, Flight, SingleFlight
-from .backends import Backend, BackendPool
 from .logs import AccessLog, observer
 from .metrics import NO_BACKEND, Metrics
+from .ratelimit import request_cost
 from .status import RequestTotals
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:  # importing the cache module imports txredisapi, which installs a reactor
     from .cache import IResponseCache
+    from .ratelimit import IRateLimiter
 
 log = Logger(observer=observer)
 
@@ -67,10 +71,12 @@ def error_reply(status: int, code: int, message: str, outcome: str = "rejected",
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asked: for the access log and the request id echoed to the node and back."""
+    """Who asked: for the access log, the rate limit, and the request id echoed to the node and back."""
 
     request_id: str
     address: str = "-"
+    #: The API key the caller presented (header or ?key=); never logged.
+    api_key: str | None = None
 
 
 def _answer_outcome(status: int, body: bytes, encoding: bytes | None) -> str:
@@ -153,6 +159,13 @@ class Limits:
     max_in_flight: int = 1024
     #: Method policy per route ("/", "/archiver", "/pruned"); absent routes use the default.
     policies: dict[str, jsonrpc.MethodPolicy] = field(default_factory=dict)
+    #: Token bucket per client address, and per API key (docs/rate-limiting.md).
+    rate: float = 20.0
+    burst: float = 200.0
+    key_rate: float = 200.0
+    key_burst: float = 2000.0
+    #: SHA-256 digests (hex) of the valid API keys: the keys themselves are not kept.
+    key_digests: frozenset[str] = frozenset()
 
 
 #: Hedge delay while a node has too few answers for a p95.
@@ -208,8 +221,9 @@ def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
 class Forwarder:
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, clock: IReactorTime,
                  limits: Limits, access_log: AccessLog | None = None, cache: IResponseCache | None = None,
-                 volatile_ttl: float = 1.0):
+                 volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None):
         self._cache = cache
+        self._limiter = limiter
         self._volatile_ttl = volatile_ttl
         self._flights = SingleFlight()
         #: x-aztec-* headers of the latest answer from a node: a full cache hit still carries them,
@@ -271,7 +285,7 @@ class Forwarder:
         self.in_flight += 1
         self._metrics.in_flight.inc()
         try:
-            return await self._handle(route, body, headers, body_too_large, caller.request_id)
+            return await self._handle(route, body, headers, body_too_large, caller)
         except defer.CancelledError:
             raise  # the caller went away (Klein cancels the handler): its upstream call is cancelled too
         except Exception:  # the prototype's panic recovery: one broken request, not a broken daemon
@@ -287,8 +301,12 @@ class Forwarder:
                     waiter.callback(None)
 
     async def _handle(self, route: str, body: bytes, headers: Headers, body_too_large: bool,
-                      request_id: str) -> Reply:
+                      caller: Caller) -> Reply:
         limits = self._limits
+        request_id = caller.request_id
+        bucket = self._bucket(caller)
+        if bucket is None:
+            return error_reply(401, jsonrpc.UNKNOWN_API_KEY, "Unknown API key")
         if _media_type(headers.getRawHeaders(b"content-type", [None])[0]) != b"application/json":
             return error_reply(400, jsonrpc.INVALID_REQUEST, "Content-Type must be application/json")
         if body_too_large:
@@ -302,6 +320,10 @@ class Forwarder:
             return Reply(refusal.http_status, refusal.body())
         if not parsed.calls:
             return Reply(200, jsonrpc.encode(jsonrpc.merge_batch(parsed, [])), batch=parsed.size)
+        if self._limiter is not None:
+            limited = await self._rate_limit(bucket, parsed)
+            if limited is not None:
+                return limited
 
         upstream_headers = Headers()
         for name in _FORWARD_REQUEST_HEADERS:
@@ -323,6 +345,28 @@ class Forwarder:
                         jsonrpc.safe_to_repeat(parsed.calls), deadline)
             reply = await self._forward(plan)
         reply.methods, reply.batch = parsed.methods, parsed.size if parsed.is_batch else None
+        return reply
+
+    def _bucket(self, caller: Caller) -> str | None:
+        """The rate-limit bucket: the API key's (hashed), else the client address's; None for a
+        key that is not valid."""
+        if caller.api_key is None:
+            return f"ip:{caller.address}"
+        digest = hashlib.sha256(caller.api_key.encode("utf-8", "replace")).hexdigest()
+        return f"key:{digest[:32]}" if digest in self._limits.key_digests else None
+
+    async def _rate_limit(self, bucket: str, parsed: jsonrpc.ParsedRequest) -> Reply | None:
+        """Before the cache: a cached answer costs the same, so a client cannot flood through it."""
+        limits = self._limits
+        keyed = bucket.startswith("key:")
+        decision = await self._limiter.take(bucket, max(1.0, request_cost(parsed.methods)),
+                                            limits.key_rate if keyed else limits.rate,
+                                            limits.key_burst if keyed else limits.burst)
+        if decision.allowed:
+            return None
+        wait = max(1, math.ceil(decision.retry_after))
+        reply = error_reply(429, jsonrpc.RATE_LIMITED, f"Rate limit exceeded; retry in {wait} s")
+        reply.headers.append((b"retry-after", str(wait).encode("ascii")))
         return reply
 
     async def _serve_cached(self, route: str, parsed: jsonrpc.ParsedRequest, headers: Headers, request_id: str,

@@ -25,6 +25,10 @@ UPSTREAM_TIMEOUT = -32003
 BLOCK_UNAVAILABLE = -32004
 #: Gateway-defined: too many requests in flight (HTTP 503 with Retry-After).
 OVERLOADED = -32005
+#: Gateway-defined: the client's rate limit is exhausted (HTTP 429 with Retry-After).
+RATE_LIMITED = -32006
+#: Gateway-defined: the request presented an API key the gateway does not know (HTTP 401).
+UNKNOWN_API_KEY = -32007
 
 #: Never forwarded, whatever the policy says: the node's admin API (aztec-node-api.md).
 ADMIN_PREFIX = "nodeAdmin_"

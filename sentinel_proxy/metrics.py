@@ -109,26 +109,34 @@ class PoolCollector(Collector):
         yield from (health, score, block, lag, oldest, priority, status, node_type, routing, quarantine, breaker)
 
 
-class CacheCollector(Collector):
-    """The cache store's own counters (hits, stores, evictions, bytes, Redis errors) at scrape time."""
+class StoreCollector(Collector):
+    """A store's own counters (cache or rate limiter: hits, stores, Redis errors...) at scrape time."""
 
-    FIELDS = (("hits", "counter", "Cache look-ups that found an answer"),
-              ("misses", "counter", "Cache look-ups that found nothing"),
-              ("stores", "counter", "Answers stored"),
-              ("evictions", "counter", "Entries evicted to stay within the size limit"),
-              ("errors", "counter", "Failed or timed-out Redis calls (each one a miss, never a caller error)"),
-              ("bytes", "gauge", "Bytes held (memory store)"))
+    FIELDS = {
+        "cache": (("hits", "counter", "Cache look-ups that found an answer"),
+                  ("misses", "counter", "Cache look-ups that found nothing"),
+                  ("stores", "counter", "Answers stored"),
+                  ("evictions", "counter", "Entries evicted to stay within the size limit"),
+                  ("errors", "counter", "Failed or timed-out Redis calls (each one a miss, never a caller error)"),
+                  ("bytes", "gauge", "Bytes held (memory store)")),
+        "ratelimit": (("allowed", "counter", "Requests within their rate limit"),
+                      ("limited", "counter", "Requests refused with 429"),
+                      ("errors", "counter", "Failed or timed-out Redis calls (the limiter then fails open)"),
+                      ("failed_open", "counter", "Requests let through without Redis (Redis failing)"),
+                      ("evictions", "counter", "Buckets forgotten early to bound memory (memory store)")),
+    }
 
-    def __init__(self, store: object):
+    def __init__(self, kind: str, store: object):
+        self._kind = kind
         self._store = store
-        self._kind = type(store).__name__.removesuffix("Cache").lower()
+        self._store_label = type(store).__name__.removesuffix("Cache").removesuffix("RateLimiter").lower()
 
     def collect(self) -> Iterator[Metric]:
-        for field, kind, doc in self.FIELDS:
-            name = f"sentinel_proxy_cache_{field}"
+        for field, kind, doc in self.FIELDS[self._kind]:
+            name = f"sentinel_proxy_{self._kind}_{field}"
             family = (CounterMetricFamily(name, doc, labels=["store"]) if kind == "counter"
                       else GaugeMetricFamily(name, doc, labels=["store"]))
-            family.add_metric([self._kind], float(getattr(self._store, field, 0)))
+            family.add_metric([self._store_label], float(getattr(self._store, field, 0)))
             yield family
 
 
@@ -207,8 +215,9 @@ class Metrics:
         if batch is not None:
             self.batch_size.observe(batch)
 
-    def watch_cache(self, store: object) -> None:
-        self.registry.register(CacheCollector(store))
+    def watch(self, kind: str, store: object) -> None:
+        """Export a store's counters: ``kind`` is "cache" or "ratelimit"."""
+        self.registry.register(StoreCollector(kind, store))
 
     def observe_cache(self, counts: dict[str, int]) -> None:
         for result, count in counts.items():

@@ -6,6 +6,7 @@ and is what tests call with their own reactor and settings.
 """
 from __future__ import annotations
 
+import hashlib
 import signal
 import sys
 from dataclasses import fields, replace
@@ -22,7 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import logs
-from .admin import Admin
+from .admin import Admin, masked
 from .backends import BackendPool
 from .checks import HealthService, IntegrityService
 from .config import SPECS, ConfigError, Settings, load_settings
@@ -108,6 +109,7 @@ RELOADABLE = frozenset({
     "health_check_interval_ms", "integrity_check_interval_ms", "integrity_check_epochs",
     "integrity_score_threshold", "slots_per_epoch", "expected_validators", "archiver_threshold_epochs",
     "method_allow", "method_deny", "archiver_method_allow", "pruned_method_allow", "admin_token", "protect_status",
+    "rate_limit_rate", "rate_limit_burst", "trusted_proxies", "api_keys", "api_key_rate", "api_key_burst",
 })
 
 
@@ -126,7 +128,10 @@ def policies_of(settings: Settings) -> dict[str, MethodPolicy]:
 
 
 def limits_of(settings: Settings) -> Limits:
-    return Limits(policies=policies_of(settings), max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
+    return Limits(policies=policies_of(settings), rate=settings.rate_limit_rate, burst=settings.rate_limit_burst,
+                  key_rate=settings.api_key_rate, key_burst=settings.api_key_burst,
+                  key_digests=frozenset(hashlib.sha256(key.encode()).hexdigest() for key in settings.api_keys),
+                  max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
                   timeout=settings.request_timeout, attempt_timeout=settings.attempt_timeout_ms / 1000.0,
                   max_attempts=settings.max_attempts, hedge=settings.hedge,
                   hedge_delay=settings.hedge_delay_ms / 1000.0, max_in_flight=settings.max_in_flight)
@@ -139,15 +144,26 @@ def breaker_policy_of(settings: Settings) -> BreakerPolicy:
                          close_after=settings.breaker_close_successes)
 
 
-class CacheService(Service):
-    """Closes the cache's connections (Redis) on shutdown."""
+class ClosingService(Service):
+    """Closes a store's connections (Redis) on shutdown: the cache, the rate limiter."""
 
-    def __init__(self, cache: Any):
-        self.cache = cache
+    def __init__(self, store: Any):
+        self.store = store
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        return self.cache.close()
+        return self.store.close()
+
+
+def make_limiter(settings: Settings, reactor: Any) -> Any:
+    """The configured rate limiter (an ``IRateLimiter``), or None when rate limiting is off."""
+    if settings.rate_limit == "off":
+        return None
+    from .ratelimit import MemoryRateLimiter, RedisRateLimiter
+
+    if settings.rate_limit == "memory":
+        return MemoryRateLimiter(reactor)
+    return RedisRateLimiter(settings.rate_limit, reactor, timeout=settings.redis_timeout_ms / 1000.0)
 
 
 def make_cache(settings: Settings, reactor: Any) -> Any:
@@ -186,17 +202,21 @@ class GatewayService(MultiService):
         self.pool.on_breaker_change = self._breaker_changed
         self.cache = make_cache(settings, reactor)
         if self.cache is not None:
-            self.metrics.watch_cache(self.cache)
-            CacheService(self.cache).setServiceParent(self)
+            self.metrics.watch("cache", self.cache)
+            ClosingService(self.cache).setServiceParent(self)
+        self.limiter = make_limiter(settings, reactor)
+        if self.limiter is not None:
+            self.metrics.watch("ratelimit", self.limiter)
+            ClosingService(self.limiter).setServiceParent(self)
         self.access_log = logs.AccessLog(sys.stdout, settings.log_format == "json")
         self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, limits_of(settings),
                                    access_log_of(settings, self.access_log), self.cache,
-                                   settings.cache_volatile_ttl_ms / 1000.0)
+                                   settings.cache_volatile_ttl_ms / 1000.0, self.limiter)
         flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, self.access_log.flush)
         flusher.clock = reactor
         flusher.setServiceParent(self)
         self.app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor, Admin(self))
-        self.app.configure_access(settings.admin_token, settings.protect_status)
+        self.app.configure_access(settings.admin_token, settings.protect_status, settings.trusted_proxies)
 
         self.demo = None
         if settings.demo:
@@ -288,11 +308,11 @@ class GatewayService(MultiService):
             return
         for name in changed:
             if name in RELOADABLE:
-                log.info("reload: {setting} {old} -> {new}", setting=name, old=getattr(old, name),
-                         new=getattr(new, name))
+                log.info("reload: {setting} {old} -> {new}", setting=name, old=masked(name, getattr(old, name)),
+                         new=masked(name, getattr(new, name)))
             else:
                 log.warn("reload: {setting} changed but takes a restart; keeping {old}", setting=name,
-                         old=getattr(old, name))
+                         old=masked(name, getattr(old, name)))
         applied = {name: getattr(new, name) for name in changed if name in RELOADABLE}
         self.settings = replace(old, **applied)
         self._apply(self.settings)
@@ -306,7 +326,7 @@ class GatewayService(MultiService):
         self.pool.set_max_lag(settings.max_block_lag)
         self.pool.set_breaker_policy(breaker_policy_of(settings))
         self.forwarder.configure(limits_of(settings), access_log_of(settings, self.access_log))
-        self.app.configure_access(settings.admin_token, settings.protect_status)
+        self.app.configure_access(settings.admin_token, settings.protect_status, settings.trusted_proxies)
         self.health.configure(settings.health_check_interval_ms / 1000.0, settings.request_timeout)
         self.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
                                  integrity_params(settings))

@@ -29,6 +29,7 @@ from .forwarder import Caller, Forwarder, Reply
 from .metrics import Metrics
 from .status import health_document
 from .logs import observer
+from .ratelimit import client_ip
 from .upstream import no_delay
 
 log = Logger(observer=observer)
@@ -56,9 +57,13 @@ def request_id_of(request: Request) -> str:
     return f"{_random_bits(64):016x}"
 
 
-def caller_of(request: Request) -> Caller:
-    address = request.getClientAddress()
-    return Caller(request_id_of(request), getattr(address, "host", None) or "-")
+def caller_of(request: Request, trusted_proxies: tuple[Any, ...] = ()) -> Caller:
+    """Who is asking: the connection's address, or X-Forwarded-For's client when the connection
+    comes from a trusted proxy; and the API key from ``X-API-Key`` or ``?key=``."""
+    peer = getattr(request.getClientAddress(), "host", None) or "-"
+    address = client_ip(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted_proxies)
+    key = request.getHeader(b"x-api-key") or (request.args.get(b"key") or [None])[0]
+    return Caller(request_id_of(request), address, key.decode("utf-8", "replace") if key is not None else None)
 
 
 class BoundedRequest(Request):
@@ -198,11 +203,14 @@ class GatewayApp:
         self._admin = admin
         self._token = ""
         self._protect_status = False
+        self._trusted_proxies: tuple[Any, ...] = ()
 
-    def configure_access(self, admin_token: str, protect_status: bool) -> None:
-        """ADMIN_TOKEN and PROTECT_STATUS (at start, and again on SIGHUP: tokens rotate live)."""
+    def configure_access(self, admin_token: str, protect_status: bool, trusted_proxies: tuple[Any, ...] = ()) -> None:
+        """ADMIN_TOKEN, PROTECT_STATUS and TRUSTED_PROXIES (at start, and again on SIGHUP: tokens
+        rotate live)."""
         self._token = admin_token
         self._protect_status = protect_status
+        self._trusted_proxies = trusted_proxies
 
     def _refused(self, request: Request, for_status: bool = False) -> bytes | None:
         """None when the request may go on; else the answer: 404 when admin is off (the routes do
@@ -239,7 +247,8 @@ class GatewayApp:
 
     async def proxy(self, request: Request, route: str) -> bytes:
         reply = await self._forwarder.handle(route, request.content.read(), request.requestHeaders,
-                                             getattr(request, "body_too_large", False), caller_of(request))
+                                             getattr(request, "body_too_large", False),
+                                             caller_of(request, self._trusted_proxies))
         return self._write(request, reply)
 
     @app.route("/", methods=["OPTIONS"])

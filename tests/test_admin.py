@@ -109,3 +109,14 @@ async def test_protected_status_needs_the_token(cluster):
     page = await http("GET", url + "/dashboard")
     assert page.code == 200 and b"sentinel" in page.body.lower(), "the page has no data; its /health call does"
     assert (await post_json(url, rpc("node_getBlockNumber"), headers=JSON)).code == 200
+
+
+def test_secrets_are_masked_wherever_settings_are_shown():
+    from sentinel_proxy.admin import masked
+    from sentinel_proxy.config import load_settings
+
+    settings = load_settings(cli={"backends": "n=http://u:hunter2@a:1", "admin_token": TOKEN,
+                                  "api_keys": "k" * 20, "cache": "redis://:pw@r:6379/0"}, environ={},
+                             dotenv_path=None)
+    shown = repr([masked(name, getattr(settings, name)) for name in ("backends", "admin_token", "api_keys", "cache")])
+    assert "hunter2" not in shown and TOKEN not in shown and "k" * 20 not in shown and ":pw@" not in shown
