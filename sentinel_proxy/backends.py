@@ -270,6 +270,27 @@ class BackendPool:
             return candidates[0]
         return scoring.weighted_choice(candidates, scoring.weights([b.priority for b in candidates]), self._random)
 
+    #: What the worker running the checks hands to the other workers (--workers): everything the
+    #: checks decide. Not breakers, drains or counters: those are each worker's own.
+    SHARED_STATE = ("healthy", "block_number", "last_check", "last_error", "verdict", "chain", "oldest_block",
+                    "lag", "quarantine", "tips", "latency")
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"finalized": self.finalized, "entries": [(b.name, b.url) for b in self.backends],
+                "backends": {b.url: {name: getattr(b, name) for name in self.SHARED_STATE} for b in self.backends}}
+
+    def apply(self, snapshot: dict[str, Any]) -> None:
+        """Take over the state the checks decided in another worker (backends matched by URL)."""
+        self.finalized = snapshot["finalized"]
+        states = snapshot["backends"]
+        for backend in self.backends:
+            state = states.get(backend.url)
+            if state is not None:
+                for name, value in state.items():
+                    setattr(backend, name, value)
+                backend.rescore()
+        self._rebuild()
+
     def find(self, name: str) -> Backend | None:
         """A backend by its name, or by its URL as /health shows it."""
         return next((b for b in self.backends if name in (b.name, b.label)), None)

@@ -199,6 +199,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("port", "PROXY_PORT", "8080", _integer(0, 65535), "listen port"),
     Spec("listen", "PROXY_LISTEN", None, _endpoint,
          "Twisted endpoint string to listen on (default tcp:$PROXY_PORT)"),
+    Spec("workers", "WORKERS", "1", _integer(1, 64),
+         "processes serving the port together (SO_REUSEPORT); the first runs the checks for all"),
     Spec("log_level", "LOG_LEVEL", "info", _log_level, "debug, info, warn or error"),
     Spec("log_format", "LOG_FORMAT", "text", _log_format,
          "text (twistd's log) or json (one JSON object per line on stdout, for log shippers)"),
@@ -306,6 +308,7 @@ class Settings:
 
     port: int
     listen: str
+    workers: int
     log_level: str
     log_format: str
     access_log: bool
@@ -439,5 +442,11 @@ def load_settings(
         values["backends"] = ()
     if values["listen"] is None:
         values["listen"] = f"tcp:{values['port']}"
+    if values["workers"] > 1:
+        listen = str(values["listen"])
+        parts = listen.split(":")
+        if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) == 0:
+            raise ConfigError(f"invalid WORKERS: {values['workers']} workers need a fixed TCP port to share, "
+                              f"not {listen!r}")
     known = {f.name for f in fields(Settings)}
     return Settings(demo=demo, **{k: v for k, v in values.items() if k in known})

@@ -221,8 +221,10 @@ def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
 class Forwarder:
     def __init__(self, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, clock: IReactorTime,
                  limits: Limits, access_log: AccessLog | None = None, cache: IResponseCache | None = None,
-                 volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None):
+                 volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None, worker: str | None = None):
         self._cache = cache
+        #: X-Sentinel-Worker (with --workers): which process answered.
+        self._worker_header = [(b"x-sentinel-worker", worker.encode("ascii"))] if worker is not None else []
         self._limiter = limiter
         self._volatile_ttl = volatile_ttl
         self._flights = SingleFlight()
@@ -269,6 +271,7 @@ class Forwarder:
         self._metrics.observe_request(route, reply.status, reply.outcome, backend.label if backend else NO_BACKEND,
                                       elapsed, reply.methods, reply.batch)
         reply.headers.append((b"x-request-id", caller.request_id.encode("ascii")))
+        reply.headers += self._worker_header
         if backend is not None:
             reply.headers += [(b"x-sentinel-backend", backend.name.encode("ascii", "replace")),
                               (b"x-sentinel-node-type", (backend.node_type or "unknown").encode("ascii")),

@@ -17,6 +17,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.tcp import makeBinding
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -33,6 +34,7 @@ from .jsonrpc import MethodPolicy
 from .metrics import Metrics
 from .scoring import BreakerPolicy
 from .upstream import UpstreamClient
+from .workers import FollowerService, LeaderService, tcp_address, worker_number
 
 log = Logger(observer=logs.observer)
 
@@ -56,16 +58,22 @@ class Options(usage.Options):
 class ListenService(Service):
     """Listens on an endpoint string; exposes the bound port so tests can use ``tcp:0``."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any, demo: bool = False):
+    def __init__(self, description: str, factory: Any, reactor: Any, demo: bool = False, reuse_port: bool = False):
         self._description = description
         self._demo = demo
+        self._reuse_port = reuse_port
         self._factory = factory
         self._reactor = reactor
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         super().startService()
-        listening = serverFromString(self._reactor, self._description).listen(self._factory)
+        if self._reuse_port:  # several workers bind the same port (--workers)
+            interface, port = tcp_address(self._description)
+            binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
+            listening = defer.maybeDeferred(self._reactor.listenTCP, binding, self._factory)
+        else:
+            listening = serverFromString(self._reactor, self._description).listen(self._factory)
         failures: list[Failure] = []
         listening.addCallbacks(self._listening, failures.append)
         if failures:  # TCP/UNIX endpoints fail synchronously: refuse to start rather than idle deaf
@@ -211,30 +219,41 @@ class GatewayService(MultiService):
         self.access_log = logs.AccessLog(sys.stdout, settings.log_format == "json")
         self.forwarder = Forwarder(self.pool, self.upstream, self.metrics, reactor, limits_of(settings),
                                    access_log_of(settings, self.access_log), self.cache,
-                                   settings.cache_volatile_ttl_ms / 1000.0, self.limiter)
+                                   settings.cache_volatile_ttl_ms / 1000.0, self.limiter,
+                                   worker=str(worker_number()) if settings.workers > 1 else None)
         flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, self.access_log.flush)
         flusher.clock = reactor
         flusher.setServiceParent(self)
         self.app = GatewayApp(self.forwarder, self.pool, self.metrics, reactor, Admin(self))
         self.app.configure_access(settings.admin_token, settings.protect_status, settings.trusted_proxies)
 
+        # Worker 0 (the only one without --workers) runs the demo nodes and the checks; the others
+        # follow its node state (sentinel_proxy/workers.py).
+        leader = worker_number() == 0
         self.demo = None
-        if settings.demo:
+        if settings.demo and leader:
             from .demo import DemoNodesService
 
             self.demo = DemoNodesService(self.pool, settings, reactor)
             self.demo.setServiceParent(self)
         self.health = HealthService(self.pool, self.upstream, settings.health_check_interval_ms / 1000.0,
                                     settings.request_timeout, reactor, self.metrics)
-        self.health.setServiceParent(self)
         self.integrity = IntegrityService(
             self.pool, self.upstream, settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
             reactor, integrity_params(settings),
             runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()), metrics=self.metrics)
-        self.integrity.setServiceParent(self)
+        if leader:
+            self.health.setServiceParent(self)
+            self.integrity.setServiceParent(self)
+            if settings.workers > 1:
+                LeaderService(settings.workers, self.pool, reactor,
+                              settings.shutdown_grace_ms / 1000.0).setServiceParent(self)
+        else:
+            FollowerService(self.pool, reactor).setServiceParent(self)
         UpstreamService(self.upstream).setServiceParent(self)
         self.site = make_site(self.app.resource(), settings.max_body_bytes, settings.client_idle_timeout_ms / 1000.0)
-        self.listener = ListenService(settings.listen, self.site, reactor, demo=settings.demo)
+        self.listener = ListenService(settings.listen, self.site, reactor, demo=settings.demo,
+                                      reuse_port=settings.workers > 1)
         self.listener.setServiceParent(self)
 
     def _breaker_changed(self, backend: Any, state: str) -> None:

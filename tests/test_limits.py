@@ -82,3 +82,45 @@ async def test_two_gateways_share_one_limit_in_redis(cluster, redis_server):  # 
     redis_server.kill()
     answers = [(await post_json(first, rpc("node_getBlockNumber"))).code for _ in range(5)]
     assert answers == [200] * 5, "Redis down: the limiter fails open, callers are not refused"
+
+
+def test_two_gateway_processes_share_one_limit(tmp_path, redis_server):  # noqa: F811
+    """Two twistd processes against one redis-server: one client address, one bucket."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.test_plugin import Daemon
+
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+    daemons = [Daemon(["sentinel-proxy", "--demo", "--listen", "tcp:0:interface=127.0.0.1", "--rate-limit",
+                       redis_server.url, "--rate-limit-rate", "1", "--rate-limit-burst", "4"], tmp_path / str(i))
+               for i in range(2)]
+    try:
+        listening = r"listening on .*port=(\d+)"
+        bases = [f"http://127.0.0.1:{d.wait_for_line(listening).group(1)}" for d in daemons]
+        for daemon in daemons:
+            daemon.wait_for_line(r"demo-archiver.* is healthy|is healthy.*demo-archiver|integrity perfect")
+
+        def call(base: str) -> int:
+            request = urllib.request.Request(base + "/", data=b'[{"jsonrpc":"2.0","id":0,"method":'
+                                             b'"node_getProvenBlockNumber","params":[]}]',
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        started = time.monotonic()
+        codes = [call(bases[i % 2]) for i in range(10)]
+        elapsed = time.monotonic() - started
+        allowed = codes.count(200)
+        assert set(codes) <= {200, 429}, codes
+        # One shared bucket: the burst of 4 plus what refilled at 1/s, whichever process was asked.
+        assert 4 <= allowed <= 4 + int(elapsed) + 1, (codes, elapsed)
+        assert 429 in codes[0::2] and 429 in codes[1::2], f"both processes must refuse: {codes}"
+    finally:
+        for daemon in daemons:
+            daemon.stop()
