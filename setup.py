@@ -16,7 +16,6 @@ setup(
     include_package_data=True,
     install_requires=[
         "twisted>=24.7",
-        "treq>=24.9",
         "klein>=24.8",
         "prometheus-client>=0.20",
         "txredisapi>=1.4.10",
