@@ -85,8 +85,9 @@ def _log_format(raw: str) -> str:
     return text
 
 
-def _cache(raw: str) -> str:
-    """off, memory, or a redis:// URL (checked here, so a typo stops the start, not the first call)."""
+def _store(raw: str) -> str:
+    """off, memory, or a redis:// URL (checked here, so a typo stops the start, not the first call):
+    where the cache or the rate limiter keeps its state."""
     text = raw.strip()
     if text.lower() in ("off", "memory"):
         return text.lower()
@@ -116,10 +117,6 @@ def _token(raw: str) -> str:
     if token and len(token) < 16:
         raise ValueError("is shorter than 16 characters (use a long random token, e.g. openssl rand -hex 32)")
     return token
-
-
-def _rate_limit(raw: str) -> str:
-    return _cache(raw)  # the same choice: off, memory, or a redis:// URL
 
 
 def _proxies(raw: str) -> tuple[Any, ...]:
@@ -239,7 +236,7 @@ SPECS: tuple[Spec, ...] = (
          "bearer token of the /admin endpoints (drain, checks, config); admin is disabled when unset"),
     Spec("protect_status", "PROTECT_STATUS", "off", _switch,
          "on: /health and /dashboard also need the admin token (/ready and /metrics stay open)"),
-    Spec("rate_limit", "RATE_LIMIT", "off", _rate_limit,
+    Spec("rate_limit", "RATE_LIMIT", "off", _store,
          "per-client rate limiting: off, memory, or redis://host:port/db (one limit shared by several gateways)"),
     Spec("rate_limit_rate", "RATE_LIMIT_RATE", "20", _integer(1), "tokens per second per client address"),
     Spec("rate_limit_burst", "RATE_LIMIT_BURST", "200", _integer(1), "bucket size per client address"),
@@ -249,7 +246,7 @@ SPECS: tuple[Spec, ...] = (
          "API keys (X-API-Key header or ?key=) with their own, higher limits; never logged"),
     Spec("api_key_rate", "API_KEY_RATE", "200", _integer(1), "tokens per second per API key"),
     Spec("api_key_burst", "API_KEY_BURST", "2000", _integer(1), "bucket size per API key"),
-    Spec("cache", "CACHE", "memory", _cache,
+    Spec("cache", "CACHE", "memory", _store,
          "response cache: off, memory, or redis://host:port/db (shared by several gateways)"),
     Spec("cache_size_mb", "CACHE_SIZE_MB", "64", _integer(1), "size of the in-memory cache, in MB"),
     Spec("cache_volatile_ttl_ms", "CACHE_VOLATILE_TTL_MS", "1000", _integer(0),

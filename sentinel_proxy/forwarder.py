@@ -624,10 +624,5 @@ class Forwarder:
 
     @staticmethod
     def _merge(parsed: jsonrpc.ParsedRequest, upstream_body: bytes) -> bytes | None:
-        try:
-            items = json.loads(upstream_body)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(items, list) or len(items) != len(parsed.calls):
-            return None
-        return jsonrpc.encode(jsonrpc.merge_batch(parsed, items))
+        items = _items(upstream_body, True, len(parsed.calls))
+        return None if items is None else jsonrpc.encode(jsonrpc.merge_batch(parsed, items))

@@ -76,11 +76,6 @@ class MethodPolicy:
 DEFAULT_POLICY = MethodPolicy()
 
 
-def is_allowed(method: str) -> bool:
-    """The default policy: only the node's public namespaces go upstream."""
-    return DEFAULT_POLICY.allows(method)
-
-
 class RequestError(Exception):
     """The whole request is refused with one JSON-RPC error (a single call, or a broken batch)."""
 

@@ -269,11 +269,6 @@ class UpstreamClient:
             raise RpcCallError(f"HTTP {response.code}")
         return response
 
-    async def call(self, backend: Backend, method: str, params: list[Any], timeout: float) -> Any:
-        """One JSON-RPC call for the checks; returns its ``result`` or raises with the reason."""
-        response = await self.fetch(backend, request_body(method, params), timeout)
-        return result_of(method, parse_json(method, response.body))
-
     async def batch(self, backend: Backend, calls: Sequence[tuple[str, list[Any]]],
                     timeout: float) -> tuple[list[Any], Headers]:
         """Several check calls in one round trip; each item is a result or an :class:`RpcCallError`.
