@@ -11,8 +11,9 @@ setup(
     description="JSON-RPC gateway in front of a fleet of Aztec nodes",
     python_requires=">=3.11",
     package_dir={"": "."},
-    packages=find_packages(include=["sentinel_proxy", "sentinel_proxy.*"]) + ["twisted.plugins"],
-    package_data={"sentinel_proxy": ["static/*"], "twisted": ["plugins/sentinel_proxy_plugin.py"]},
+    packages=find_packages(include=["sentinel_proxy", "sentinel_proxy.*", "sentinel_simnode", "sentinel_simnode.*"])
+    + ["twisted.plugins"],
+    package_data={"sentinel_proxy.web": ["static/*"], "twisted": ["plugins/sentinel_proxy_plugin.py"]},
     include_package_data=True,
     install_requires=[
         "twisted>=24.7",

@@ -16,11 +16,11 @@ from functools import partial
 
 from twisted.internet import defer, reactor, task, threads
 
-from sentinel_proxy.backends import BackendPool
-from sentinel_proxy.checks import IntegrityService, run_inline
-from sentinel_proxy.integrity import IntegrityParams
-from sentinel_proxy.simulator import SCENARIOS, ChainParams, SimulatedNode, simulated_site
-from sentinel_proxy.upstream import UpstreamClient
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.checks.periodic import IntegrityService, run_inline
+from sentinel_proxy.core.integrity import IntegrityParams
+from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
+from sentinel_proxy.upstream.client import UpstreamClient
 
 CHAIN = ChainParams(slots_per_epoch=32, committee_size=48)
 PARAMS = IntegrityParams(slots_per_epoch=32, expected_validators=48)

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from sentinel_proxy.simulator import chain_salt, tx_count, tx_hash
+from sentinel_simnode.node import chain_salt, tx_count, tx_hash
 
 BIN = Path(sys.executable).parent
 HOT_BLOCKS = range(700, 900)  # finalized on the simulated chain (tip starts at 1000, finality = tip - 20)

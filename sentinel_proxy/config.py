@@ -91,7 +91,7 @@ def _store(raw: str) -> str:
     text = raw.strip()
     if text.lower() in ("off", "memory"):
         return text.lower()
-    from .cache_address import parse_redis_url
+    from sentinel_proxy.stores.cache_address import parse_redis_url
 
     try:
         parse_redis_url(text)
@@ -120,7 +120,7 @@ def _token(raw: str) -> str:
 
 
 def _proxies(raw: str) -> tuple[Any, ...]:
-    from .ratelimit import parse_trusted_proxies  # imports no reactor
+    from sentinel_proxy.stores.ratelimit import parse_trusted_proxies  # imports no reactor
 
     return parse_trusted_proxies(raw)
 

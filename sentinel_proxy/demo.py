@@ -12,10 +12,10 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from .backends import BackendPool
-from .config import Settings
-from .logs import observer
-from .simulator import SCENARIOS, ChainParams, SimulatedNode, simulated_site
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.config import Settings
+from sentinel_proxy.ops.logs import observer
+from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
 
 log = Logger(observer=observer)
 

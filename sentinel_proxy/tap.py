@@ -23,18 +23,18 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from . import logs
-from .admin import Admin, masked
-from .backends import BackendPool
-from .checks import HealthService, IntegrityService
-from .config import SPECS, ConfigError, Settings, load_settings
-from .forwarder import Forwarder, Limits
-from .integrity import IntegrityParams
-from .jsonrpc import MethodPolicy
-from .metrics import Metrics
-from .scoring import BreakerPolicy
-from .upstream import UpstreamClient
-from .workers import FollowerService, LeaderService, tcp_address, worker_number
+from sentinel_proxy.ops import logs
+from sentinel_proxy.ops.admin import Admin, masked
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.checks.periodic import HealthService, IntegrityService
+from sentinel_proxy.config import SPECS, ConfigError, Settings, load_settings
+from sentinel_proxy.proxy.forwarder import Forwarder, Limits
+from sentinel_proxy.core.integrity import IntegrityParams
+from sentinel_proxy.core.jsonrpc import MethodPolicy
+from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.core.scoring import BreakerPolicy
+from sentinel_proxy.upstream.client import UpstreamClient
+from sentinel_proxy.ops.workers import FollowerService, LeaderService, tcp_address, worker_number
 
 log = Logger(observer=logs.observer)
 
@@ -167,7 +167,7 @@ def make_limiter(settings: Settings, reactor: Any) -> Any:
     """The configured rate limiter (an ``IRateLimiter``), or None when rate limiting is off."""
     if settings.rate_limit == "off":
         return None
-    from .ratelimit import MemoryRateLimiter, RedisRateLimiter
+    from sentinel_proxy.stores.ratelimit import MemoryRateLimiter, RedisRateLimiter
 
     if settings.rate_limit == "memory":
         return MemoryRateLimiter(reactor)
@@ -178,7 +178,7 @@ def make_cache(settings: Settings, reactor: Any) -> Any:
     """The configured response cache (an ``IResponseCache``), or None when caching is off."""
     if settings.cache == "off":
         return None
-    from .cache import MemoryCache, RedisCache  # txredisapi installs the default reactor: import late
+    from sentinel_proxy.stores.cache import MemoryCache, RedisCache  # txredisapi installs the default reactor: import late
 
     if settings.cache == "memory":
         return MemoryCache(settings.cache_size_mb * 1024 * 1024, reactor)
@@ -191,7 +191,7 @@ class GatewayService(MultiService):
     def __init__(self, settings: Settings, reactor: Any, cli: dict[str, str | None] | None = None,
                  handle_signals: bool = False):
         super().__init__()
-        from .web import (  # klein installs the default reactor: import late
+        from sentinel_proxy.web.app import (  # klein installs the default reactor: import late
             GatewayApp,
             make_site,
         )
@@ -232,7 +232,7 @@ class GatewayService(MultiService):
         leader = worker_number() == 0
         self.demo = None
         if settings.demo and leader:
-            from .demo import DemoNodesService
+            from sentinel_proxy.demo import DemoNodesService
 
             self.demo = DemoNodesService(self.pool, settings, reactor)
             self.demo.setServiceParent(self)

@@ -5,8 +5,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from sentinel_proxy import jsonrpc
-from sentinel_proxy.jsonrpc import MethodPolicy, RequestError, parse_request
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core.jsonrpc import MethodPolicy, RequestError, parse_request
 from tests.support import JSON, http, post_json, rpc, wait_for
 
 ensure = pytest_twisted.ensureDeferred
@@ -112,7 +112,7 @@ async def test_protected_status_needs_the_token(cluster):
 
 
 def test_secrets_are_masked_wherever_settings_are_shown():
-    from sentinel_proxy.admin import masked
+    from sentinel_proxy.ops.admin import masked
     from sentinel_proxy.config import load_settings
 
     settings = load_settings(cli={"backends": "n=http://u:hunter2@a:1", "admin_token": TOKEN,

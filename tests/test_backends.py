@@ -2,8 +2,8 @@
 import base64
 from dataclasses import dataclass
 
-from sentinel_proxy.backends import Backend, BackendPool, LatencyWindow, Pick, display_url
-from sentinel_proxy.status import NEVER, rfc3339
+from sentinel_proxy.state.backends import Backend, BackendPool, LatencyWindow, Pick, display_url
+from sentinel_proxy.state.status import NEVER, rfc3339
 
 
 def test_latency_window_keeps_the_last_hundred():

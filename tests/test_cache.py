@@ -22,8 +22,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from sentinel_proxy.cache import KEY_PREFIX, IResponseCache, MemoryCache, RedisCache
-from sentinel_proxy.cache_address import parse_redis_url
+from sentinel_proxy.stores.cache import KEY_PREFIX, IResponseCache, MemoryCache, RedisCache
+from sentinel_proxy.stores.cache_address import parse_redis_url
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -369,7 +369,7 @@ async def test_redis_outage_is_a_miss_and_recovers(redis_server, redis_caches):
         assert cache.errors >= errors_while_down >= 2
     finally:
         globalLogPublisher.removeObserver(events.append)
-    ours = [e for e in events if e.get("log_namespace") == "sentinel_proxy.redis_link" and e.get("role") == "Redis cache"]
+    ours = [e for e in events if e.get("log_namespace") == "sentinel_proxy.stores.redis_link" and e.get("role") == "Redis cache"]
     warnings = [e for e in ours if e["log_level"] is LogLevel.warn]
     assert len(warnings) == 1, "an outage must be reported once, not once per failed call"
     assert warnings[0]["address"] == redis_server.url and warnings[0]["failures"] >= 1

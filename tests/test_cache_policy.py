@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel_proxy.cache_policy import (DEFAULT_VOLATILE_TTL, FOREVER, IMMUTABLE, NEVER, RULES, VOLATILE, Rule,
+from sentinel_proxy.core.cache_policy import (DEFAULT_VOLATILE_TTL, FOREVER, IMMUTABLE, NEVER, RULES, VOLATILE, Rule,
                                          cache_key, decide, finalized_tip, storable)
 
 FINALIZED = 880

@@ -5,10 +5,10 @@ import pytest
 from twisted.internet import defer, task
 from twisted.web.http_headers import Headers
 
-from sentinel_proxy.backends import BackendPool
-from sentinel_proxy.checks import HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
-from sentinel_proxy.integrity import IntegrityParams
-from sentinel_proxy.upstream import RpcCallError, UpstreamError, UpstreamResponse
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.checks.periodic import HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
+from sentinel_proxy.core.integrity import IntegrityParams
+from sentinel_proxy.upstream.client import RpcCallError, UpstreamError, UpstreamResponse
 
 
 class ScriptedUpstream:

@@ -2,7 +2,7 @@
 import pytest
 from twisted.internet import defer
 
-from sentinel_proxy.coalesce import Entry, SingleFlight
+from sentinel_proxy.proxy.coalesce import Entry, SingleFlight
 
 
 def test_followers_get_the_leaders_answer_and_the_key_is_freed():

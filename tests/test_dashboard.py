@@ -26,7 +26,7 @@ import pytest
 
 from tests.test_plugin import CLEAN_ENV, ROOT, Daemon, fetch, poll
 
-STATIC = ROOT / "sentinel_proxy" / "static"
+STATIC = ROOT / "sentinel_proxy" / "web" / "static"
 DOCS_PNG = ROOT / "docs" / "dashboard.png"
 VERDICTS = {"VALID", "WARNING", "PARTIAL", "INVALID", "missing", "skipped", "inconsistent", "unknown"}
 ROW_FIELDS = {"health", "routing", "type", "block", "lag", "score", "status", "latency", "requests", "errors", "epochs"}

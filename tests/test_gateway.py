@@ -4,8 +4,8 @@ import json
 
 import pytest_twisted
 
-from sentinel_proxy import jsonrpc
-from sentinel_proxy.simulator import SCENARIOS
+from sentinel_proxy.core import jsonrpc
+from sentinel_simnode.node import SCENARIOS
 from tests.support import JSON, http, post_json, rpc, wait_for
 
 ensure = pytest_twisted.ensureDeferred
@@ -124,7 +124,7 @@ async def test_chunked_oversized_body_is_refused(cluster):
     """No Content-Length: the limit must hold while the body streams in."""
     from twisted.web.client import Agent
 
-    from sentinel_proxy.upstream import read_body
+    from sentinel_proxy.upstream.client import read_body
     from twisted.web.iweb import UNKNOWN_LENGTH
     from twisted.internet import reactor, defer
     from twisted.web.http_headers import Headers

@@ -1,4 +1,4 @@
-"""Tests of sentinel_proxy.integrity on hand-made and synthetic validator-stats histories.
+"""Tests of sentinel_proxy.core.integrity on hand-made and synthetic validator-stats histories.
 
 ``SyntheticNode`` builds the answer a healthy node's sentinel gives (protocol-faithful: one proposer
 entry per processed slot, committee − 1 attestation entries when the checkpoint was produced);
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel_proxy.integrity import (
+from sentinel_proxy.core.integrity import (
     MISSED,
     PRODUCED,
     UNCONFIRMED,

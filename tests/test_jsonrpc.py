@@ -4,8 +4,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sentinel_proxy import jsonrpc
-from sentinel_proxy.jsonrpc import RequestError, merge_batch, parse_request
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core.jsonrpc import RequestError, merge_batch, parse_request
 
 
 def call(method="node_getBlockNumber", id_=1, **extra):

@@ -1,7 +1,7 @@
 """Rate limits through a real gateway: per address, per API key, X-Forwarded-For trust, shared in Redis."""
 import pytest_twisted
 
-from sentinel_proxy import jsonrpc
+from sentinel_proxy.core import jsonrpc
 from tests.support import JSON, http, post_json, rpc
 from tests.test_cache import redis_server  # noqa: F401  (fixture)
 

@@ -9,9 +9,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import Logger
 
-from sentinel_proxy import logs
-from sentinel_proxy.metrics import KNOWN_METHODS
-from sentinel_proxy.simulator import SCENARIOS, SimulatedNode, simulated_site
+from sentinel_proxy.ops import logs
+from sentinel_proxy.ops.metrics import KNOWN_METHODS
+from sentinel_simnode.node import SCENARIOS, SimulatedNode, simulated_site
 from tests.support import TEST_CHAIN, RunningNode, http, post_json, rpc
 from tests.test_plugin import Daemon, fetch
 

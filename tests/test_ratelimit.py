@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from sentinel_proxy.ratelimit import (DEFAULT_COSTS, EARLY, KEY_PREFIX, Decision, IRateLimiter,
+from sentinel_proxy.stores.ratelimit import (DEFAULT_COSTS, EARLY, KEY_PREFIX, Decision, IRateLimiter,
                                       MemoryRateLimiter, RedisRateLimiter, client_ip,
                                       parse_trusted_proxies, request_cost)
 from tests.test_cache import bounded, fired, free_port, pause, redis_server, resp  # noqa: F401
@@ -40,7 +40,7 @@ def test_request_cost():
 
 def test_importing_the_module_installs_no_reactor():
     """Configuration validates TRUSTED_PROXIES before twistd has chosen a reactor."""
-    code = ("import sys, sentinel_proxy.ratelimit; "
+    code = ("import sys, sentinel_proxy.stores.ratelimit; "
             "print('twisted.internet.reactor' in sys.modules, 'txredisapi' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
@@ -99,7 +99,7 @@ def test_client_ip(peer, headers, expected):
 
 
 def test_client_ip_does_not_cache_long_junk():
-    from sentinel_proxy.ratelimit import _address
+    from sentinel_proxy.stores.ratelimit import _address
 
     cached = _address.cache_info().currsize
     assert client_ip("10.0.0.2", [b"x" * 10_000 + b", 10.3.3.3"], TRUSTED) == "10.3.3.3"
@@ -314,7 +314,7 @@ class LogCapture:
 
     def ours(self, level: LogLevel) -> list[dict]:
         return [e for e in self.events
-                if e.get("log_namespace") == "sentinel_proxy.redis_link" and e.get("role") == "Redis rate limiter"
+                if e.get("log_namespace") == "sentinel_proxy.stores.redis_link" and e.get("role") == "Redis rate limiter"
                 and e["log_level"] is level]
 
 

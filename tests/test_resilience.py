@@ -27,8 +27,8 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from sentinel_proxy import jsonrpc
-from sentinel_proxy.simulator import SCENARIOS, simulated_site
+from sentinel_proxy.core import jsonrpc
+from sentinel_simnode.node import SCENARIOS, simulated_site
 from tests.support import RunningNode, post_json, rpc, wait_for
 from tests.test_plugin import Daemon, fetch, poll
 

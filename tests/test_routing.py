@@ -1,9 +1,9 @@
 """End-to-end: verdicts in /health and routing that acts on them, over loopback."""
 import pytest_twisted
 
-from sentinel_proxy import jsonrpc
-from sentinel_proxy.routing import BLOCK_PARAM_METHODS, block_needed, oldest_needed
-from sentinel_proxy.jsonrpc import parse_request
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core.routing import BLOCK_PARAM_METHODS, block_needed, oldest_needed
+from sentinel_proxy.core.jsonrpc import parse_request
 from tests.support import http, post_json, rpc, wait_for
 
 ensure = pytest_twisted.ensureDeferred

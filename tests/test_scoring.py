@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sentinel_proxy import scoring
+from sentinel_proxy.core import scoring
 
 
 @pytest.mark.parametrize("missing, inconsistent, latency, healthy, expected", [

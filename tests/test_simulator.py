@@ -17,8 +17,8 @@ from twisted.internet import defer, reactor, task
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseNeverReceived, readBody
 from twisted.web.http_headers import Headers
 
-from sentinel_proxy import simnode_tap
-from sentinel_proxy.simulator import (
+from sentinel_simnode import tap as simnode_tap
+from sentinel_simnode.node import (
     MAX_BATCH,
     MAX_BODY,
     SCENARIOS,

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from sentinel_proxy.backends import BackendPool
+from sentinel_proxy.state.backends import BackendPool
 from sentinel_proxy.config import ConfigError, load_settings
 from tests.test_plugin import Daemon, fetch, poll
 

@@ -5,5 +5,5 @@ from twisted.application.service import ServiceMaker
 sentinel_proxy = ServiceMaker(
     "sentinel-proxy", "sentinel_proxy.tap", "JSON-RPC gateway in front of Aztec nodes", "sentinel-proxy")
 sentinel_simnode = ServiceMaker(
-    "sentinel-simnode", "sentinel_proxy.simnode_tap", "A simulated Aztec node (tests, demo, bench)",
+    "sentinel-simnode", "sentinel_simnode.tap", "A simulated Aztec node (tests, demo, bench)",
     "sentinel-simnode")

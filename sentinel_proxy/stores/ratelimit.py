@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .logs import observer
+from sentinel_proxy.ops.logs import observer
 
 log = Logger(observer=observer)
 
@@ -313,7 +313,7 @@ class RedisRateLimiter:
     an unexpected reply — allows the request (fail open: a limiter outage must not become a
     gateway outage), counts in ``errors`` and stops calls to Redis for ``retry_interval`` seconds
     (during which takes are decided at once; see :meth:`_fail_open`), then one take probes it
-    again, as :class:`~sentinel_proxy.cache.RedisCache` does and for the same reasons. An outage
+    again, as :class:`~sentinel_proxy.stores.cache.RedisCache` does and for the same reasons. An outage
     is logged once per ``log_interval``, without keys: they may hold API keys.
 
     Counters: ``allowed`` and ``limited`` (decisions, whoever made them), ``errors`` (failed Redis
@@ -324,10 +324,10 @@ class RedisRateLimiter:
                  prefix: bytes = KEY_PREFIX, poolsize: int = 2, retry_interval: float = 1.0,
                  log_interval: float = 60.0):
         # Imported here, not at the top: txredisapi installs the default reactor (see the module
-        # docstring), and sentinel_proxy.redis_link imports it.
+        # docstring), and sentinel_proxy.stores.redis_link imports it.
         import txredisapi
 
-        from .redis_link import RedisLink
+        from sentinel_proxy.stores.redis_link import RedisLink
 
         self._link = RedisLink(url, reactor, timeout, role="Redis rate limiter",
                                outage="requests are not rate limited until it answers", poolsize=poolsize,

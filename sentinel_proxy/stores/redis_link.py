@@ -21,8 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .cache_address import parse_redis_url
-from .logs import observer
+from sentinel_proxy.stores.cache_address import parse_redis_url
+from sentinel_proxy.ops.logs import observer
 
 log = Logger(observer=observer)
 

@@ -16,12 +16,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
-from . import scoring
-from .cache_policy import finalized_tip
-from .logs import observer
+from sentinel_proxy.core import scoring
+from sentinel_proxy.core.cache_policy import finalized_tip
+from sentinel_proxy.ops.logs import observer
 
 if TYPE_CHECKING:
-    from .integrity import IntegrityVerdict
+    from sentinel_proxy.core.integrity import IntegrityVerdict
 
 #: Routes and the node type each one requires ("" = any type).
 ROUTES: dict[str, str] = {"/": "", "/archiver": "archiver", "/pruned": "pruned"}

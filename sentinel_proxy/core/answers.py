@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .coalesce import Entry
-from .jsonrpc import encode
+from sentinel_proxy.proxy.coalesce import Entry
+from sentinel_proxy.core.jsonrpc import encode
 
 _KINDS = {b"R": "result", b"E": "error", b"N": "missing"}
 _TAGS = {kind: tag for tag, kind in _KINDS.items()}

@@ -19,20 +19,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from . import answers, jsonrpc, routing
-from .answers import entry_from_store, item_bytes, store_value
-from .backends import Backend, BackendPool
-from .cache_policy import FOREVER, NEVER, Decision, decide, storable
-from .coalesce import Entry, Flight, SingleFlight
-from .logs import AccessLog, observer
-from .metrics import NO_BACKEND, Metrics
-from .ratelimit import request_cost
-from .status import RequestTotals
-from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from sentinel_proxy.core import answers
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core import routing
+from sentinel_proxy.core.answers import entry_from_store, item_bytes, store_value
+from sentinel_proxy.state.backends import Backend, BackendPool
+from sentinel_proxy.core.cache_policy import FOREVER, NEVER, Decision, decide, storable
+from sentinel_proxy.proxy.coalesce import Entry, Flight, SingleFlight
+from sentinel_proxy.ops.logs import AccessLog, observer
+from sentinel_proxy.ops.metrics import NO_BACKEND, Metrics
+from sentinel_proxy.stores.ratelimit import request_cost
+from sentinel_proxy.state.status import RequestTotals
+from sentinel_proxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:  # importing the cache module imports txredisapi, which installs a reactor
-    from .cache import IResponseCache
-    from .ratelimit import IRateLimiter
+    from sentinel_proxy.stores.cache import IResponseCache
+    from sentinel_proxy.stores.ratelimit import IRateLimiter
 
 log = Logger(observer=observer)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .jsonrpc import BLOCK_UNAVAILABLE, Call, error_item
+from sentinel_proxy.core.jsonrpc import BLOCK_UNAVAILABLE, Call, error_item
 
 #: Methods whose first parameter is a block parameter (4.x names; the list changes between versions,
 #: so an unknown method simply places no requirement).

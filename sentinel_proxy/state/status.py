@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .backends import Backend, BackendPool
+from sentinel_proxy.state.backends import Backend, BackendPool
 
 #: What Go's zero ``time.Time`` marshals to: the prototype's ``lastCheck`` before any check.
 NEVER = "0001-01-01T00:00:00Z"

@@ -15,7 +15,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, dis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .backends import BackendPool
+from sentinel_proxy.state.backends import BackendPool
 
 #: Value of the prototype's "method" label; kept for compatibility (it always said "proxy").
 PROXY_METHOD = "proxy"

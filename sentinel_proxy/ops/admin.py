@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
-from .backends import display_url
-from .cache_address import parse_redis_url
+from sentinel_proxy.state.backends import display_url
+from sentinel_proxy.stores.cache_address import parse_redis_url
 
 if TYPE_CHECKING:
-    from .tap import GatewayService
+    from sentinel_proxy.tap import GatewayService
 
 #: Settings whose values are secrets: shown as "***" (set) or "" (unset).
 SECRET_SETTINGS = frozenset({"admin_token", "api_keys"})

@@ -1,4 +1,4 @@
-"""``twistd -n sentinel-simnode``: run one simulated Aztec node (see ``sentinel_proxy.simulator``).
+"""``twistd -n sentinel-simnode``: run one simulated Aztec node (see ``sentinel_simnode.node``).
 
 A separate process per fake node lets the demo and the benchmark put real sockets and real process
 boundaries between the gateway and its upstreams, e.g.::
@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
-from sentinel_proxy.simulator import SCENARIOS, ChainParams, SimulatedNode, simulated_site
+from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """Response cache stores behind one interface: a bounded in-memory LRU and Redis (txredisapi).
 
 The stores keep opaque bytes under opaque keys; what to cache, under which key and for how long is
-:mod:`sentinel_proxy.cache_policy`'s business. A cache is an optimisation, never a dependency:
+:mod:`sentinel_proxy.core.cache_policy`'s business. A cache is an optimisation, never a dependency:
 neither store ever fails a call. Redis trouble (down, slow, refusing) is a miss for ``get`` and a
 silently dropped ``set``, counted in ``errors`` and logged at most once per ``log_interval``.
 
@@ -20,8 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from .redis_link import RedisLink
-from .logs import observer
+from sentinel_proxy.stores.redis_link import RedisLink
+from sentinel_proxy.ops.logs import observer
 
 log = Logger(observer=observer)
 

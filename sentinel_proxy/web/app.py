@@ -23,14 +23,14 @@ from twisted.web import pages
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
-from .admin import Admin, bearer, token_matches
-from .backends import BackendPool
-from .forwarder import Caller, Forwarder, Reply
-from .metrics import Metrics
-from .status import health_document
-from .logs import observer
-from .ratelimit import client_ip
-from .upstream import no_delay
+from sentinel_proxy.ops.admin import Admin, bearer, token_matches
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.proxy.forwarder import Caller, Forwarder, Reply
+from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.state.status import health_document
+from sentinel_proxy.ops.logs import observer
+from sentinel_proxy.stores.ratelimit import client_ip
+from sentinel_proxy.upstream.client import no_delay
 
 log = Logger(observer=observer)
 

@@ -14,11 +14,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from .backends import Backend, BackendPool
-from .integrity import IntegrityInputError, IntegrityParams, IntegrityVerdict, analyse
-from .logs import observer
-from .metrics import Metrics
-from .upstream import (
+from sentinel_proxy.state.backends import Backend, BackendPool
+from sentinel_proxy.core.integrity import IntegrityInputError, IntegrityParams, IntegrityVerdict, analyse
+from sentinel_proxy.ops.logs import observer
+from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.upstream.client import (
     RpcCallError,
     UpstreamClient,
     UpstreamError,

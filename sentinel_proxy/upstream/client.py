@@ -37,7 +37,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from .backends import Backend
+from sentinel_proxy.state.backends import Backend
 
 
 @implementer(IBodyProducer)

@@ -22,8 +22,8 @@ from twisted.internet import defer, protocol, stdio, task
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
-from .backends import BackendPool
-from .logs import observer
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.ops.logs import observer
 
 log = Logger(observer=observer)
 

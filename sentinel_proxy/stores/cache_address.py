@@ -1,6 +1,6 @@
 """Where a Redis cache lives: ``redis://`` URLs, parsed without importing any Redis client.
 
-Kept apart from :mod:`sentinel_proxy.cache` because importing txredisapi installs the default
+Kept apart from :mod:`sentinel_proxy.stores.cache` because importing txredisapi installs the default
 reactor, and configuration is validated before the reactor may be chosen.
 """
 from __future__ import annotations

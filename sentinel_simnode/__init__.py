@@ -1,0 +1,1 @@
+"""A simulated Aztec node: tests, the demo and the benchmark run against it."""
