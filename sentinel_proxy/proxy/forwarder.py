@@ -33,8 +33,8 @@ from sentinel_proxy.state.status import RequestTotals
 from sentinel_proxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:  # importing the cache module imports txredisapi, which installs a reactor
-    from sentinel_proxy.stores.cache import IResponseCache
-    from sentinel_proxy.stores.ratelimit import IRateLimiter
+    from sentinel_proxy.interfaces import IResponseCache
+    from sentinel_proxy.interfaces import IRateLimiter
 
 log = Logger(observer=observer)
 

@@ -18,7 +18,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
+
+from sentinel_proxy.interfaces import IResponseCache
 
 from sentinel_proxy.stores.redis_link import RedisLink
 from sentinel_proxy.ops.logs import observer
@@ -29,21 +31,6 @@ log = Logger(observer=observer)
 #: when the stored format changes makes new gateways ignore entries written by old ones.
 KEY_PREFIX = b"sentinel:v1:"
 
-
-class IResponseCache(Interface):
-    """A store of serialised answers. No method ever fails: trouble is a miss or a dropped store."""
-
-    def get(key: bytes) -> Deferred:
-        """Fire with the stored bytes, or None on a miss (absent, expired, store unavailable)."""
-
-    def set(key: bytes, value: bytes, ttl: float | None) -> Deferred:
-        """Store ``value`` for ``ttl`` seconds and fire with None.
-
-        ``ttl`` None or ``math.inf``: keep until evicted. ``ttl`` <= 0: store nothing.
-        """
-
-    def close() -> Deferred:
-        """Release the store's resources; fire with None when done."""
 
 
 def _expires(now: float, ttl: float | None) -> float:

@@ -32,7 +32,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import implementer
+
+from sentinel_proxy.interfaces import IRateLimiter
 
 from sentinel_proxy.ops.logs import observer
 
@@ -173,17 +175,6 @@ class Decision:
     retry_after: float
     remaining: float
 
-
-class IRateLimiter(Interface):
-    """Token buckets by key. ``take`` never fails because of the store: trouble means allowed."""
-
-    def take(key: str, cost: float, rate: float, burst: float) -> Deferred:
-        """Take ``cost`` tokens from ``key``'s bucket (``burst`` tokens, refilled at ``rate`` per
-        second) if it holds that many, and fire with a :class:`Decision`. Raise ValueError at once
-        unless ``rate`` and ``burst`` are positive and ``cost`` is not negative (all finite)."""
-
-    def close() -> Deferred:
-        """Release the store's resources; fire with None when done."""
 
 
 #: Seconds a take may come early and still be allowed. A client that waits exactly

@@ -1,0 +1,58 @@
+"""The seams between the gateway's parts, as small zope interfaces.
+
+This module imports no reactor, no Klein and no txredisapi (which installs the default reactor on
+import), so any module and any test can name an interface without side effects. Each
+implementation is checked with ``zope.interface.verify.verifyObject`` in the tests.
+"""
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+
+class IResponseCache(Interface):
+    """A store of serialised answers. No method ever fails: trouble is a miss or a dropped store."""
+
+    def get(key: bytes) -> Deferred:
+        """Fire with the stored bytes, or None on a miss (absent, expired, store unavailable)."""
+
+    def set(key: bytes, value: bytes, ttl: float | None) -> Deferred:
+        """Store ``value`` for ``ttl`` seconds and fire with None.
+
+        ``ttl`` None or ``math.inf``: keep until evicted. ``ttl`` <= 0: store nothing.
+        """
+
+    def close() -> Deferred:
+        """Release the store's resources; fire with None when done."""
+
+
+class IRateLimiter(Interface):
+    """Token buckets by key. ``take`` never fails because of the store: trouble means allowed."""
+
+    def take(key: str, cost: float, rate: float, burst: float) -> Deferred:
+        """Take ``cost`` tokens from ``key``'s bucket (``burst`` tokens, refilled at ``rate`` per
+        second) if it holds that many, and fire with a :class:`Decision`. Raise ValueError at once
+        unless ``rate`` and ``burst`` are positive and ``cost`` is not negative (all finite)."""
+
+    def close() -> Deferred:
+        """Release the store's resources; fire with None when done."""
+
+
+class IForwardingClient(Interface):
+    """Sends a caller's request to one node and brings back the node's answer untouched.
+
+    The request path depends on this, not on an HTTP library, so its stages run in memory in the
+    tests and the client can be swapped for a faster one without touching them.
+    """
+
+    def post(backend, body: bytes, headers, timeout: float, limit: int | None = None):
+        """Coroutine: POST ``body`` to the node and return an ``UpstreamResponse``.
+
+        The whole exchange is bounded by ``timeout`` seconds and the answer by ``limit`` bytes
+        (default MAX_RESPONSE_BYTES). Raises ``UpstreamError`` with ``kind`` "timeout",
+        "connect" (the request provably never reached the node), "transport" or "too_large";
+        cancelling it closes the connection.
+        """
+
+    def close() -> Deferred:
+        """Drop pooled connections; fire with None when done."""
