@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The in-memory and loopback tests only, in seconds: no subprocesses, browser, redis-server or load loops.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not slow' -q
 
 # A load benchmark (needs wrk: apt-get install wrk); not part of the tests. See docs/performance.md.
 bench: $(STAMP)

@@ -1,4 +1,10 @@
-# No project or klein imports at module level: they would install a reactor before pytest-twisted.
+"""Fixtures shared by the test modules; helpers live in support.py, processes.py and deferreds.py.
+
+No project or klein imports at module level: they would install a reactor before pytest-twisted.
+"""
+import os
+
+import pytest
 import pytest_twisted
 
 
@@ -10,3 +16,26 @@ async def cluster():
     started = Cluster()
     yield started
     await started.stop()
+
+
+@pytest.fixture
+def redis_server():
+    """A throwaway redis-server on a loopback port. Skipped without the binary, except under
+    ``CI=true``, where a missing server is a broken setup and fails."""
+    from tests.processes import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true but redis-server is not installed: the Redis tests cannot run")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(REDIS_SERVER)
+    server.start()
+    yield server
+    server.kill()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a real redis-server is slow by definition: it starts one."""
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

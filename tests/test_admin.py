@@ -77,6 +77,7 @@ async def test_admin_auth_and_actions(cluster):
 
 
 @ensure
+@pytest.mark.slow
 async def test_drain_under_load_fails_no_request(cluster):
     first, second = cluster.node("slow"), cluster.node("pruned")
     service, url = await cluster.gateway([f"first={first.url}", f"second={second.url}"], admin_token=TOKEN)

@@ -6,34 +6,22 @@ skip, except under ``CI=true``, where a missing server is a broken setup and fai
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import socket
-import subprocess
-import time
 from dataclasses import dataclass, field
 
 import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 from sentinel_proxy.stores.cache import KEY_PREFIX, IResponseCache, MemoryCache, RedisCache
 from sentinel_proxy.stores.cache_address import parse_redis_url
+from tests.deferreds import bounded, fired, pause
+from tests.processes import free_port, resp
 
-REDIS_SERVER = shutil.which("redis-server")
-
-
-def fired(d: defer.Deferred):
-    """The result of an already-fired Deferred (MemoryCache never makes anyone wait)."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
 
 
 # -- MemoryCache
@@ -189,70 +177,6 @@ def test_redis_url():
     assert "query" in parse_error("redis://host/0?x=1")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def resp(port: int, *args: str | bytes) -> bytes:
-    """One raw Redis command over a fresh connection (independent of the code under test)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as connection:
-        connection.sendall(b"".join(parts))
-        return connection.recv(65536)
-
-
-class RedisServer:
-    """A throwaway redis-server on a loopback port, started and killed by PID."""
-
-    def __init__(self, binary: str):
-        self.binary = binary
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                if resp(self.port, "PING").startswith(b"+PONG"):
-                    return
-            except OSError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING within 10 s")
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-
-
-@pytest.fixture
-def redis_server():
-    if REDIS_SERVER is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI=true but redis-server is not installed: the Redis cache tests cannot run")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(REDIS_SERVER)
-    server.start()
-    yield server
-    server.kill()
-
-
 @pytest_twisted.async_yield_fixture
 async def redis_caches():
     """Make RedisCaches; every one is closed at the end of the test."""
@@ -265,21 +189,6 @@ async def redis_caches():
     yield make
     for cache in made:
         await cache.close()
-
-
-async def bounded(d: defer.Deferred, seconds: float = 1.0):
-    """The result of ``d``, failing the test if it takes longer than ``seconds`` (a hung call)."""
-    watched = defer.Deferred()
-    d.chainDeferred(watched)
-    watched.addTimeout(seconds, reactor)
-    try:
-        return await watched
-    except defer.TimeoutError:
-        raise AssertionError(f"a cache call did not return within {seconds} s") from None
-
-
-async def pause(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

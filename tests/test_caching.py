@@ -7,7 +7,6 @@ from twisted.internet import defer
 from sentinel_proxy.core.answers import assemble, entry_from_store, entry_of, item_bytes, store_value
 from sentinel_proxy.proxy.coalesce import Entry
 from tests.support import post_json, rpc, wait_for
-from tests.test_cache import redis_server  # noqa: F401  (fixture)
 
 ensure = pytest_twisted.ensureDeferred
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_plugin import CLEAN_ENV, ROOT, Daemon, fetch, poll
+from tests.processes import CLEAN_ENV, ROOT, Daemon, fetch, poll
 
 STATIC = ROOT / "sentinel_proxy" / "web" / "static"
 DOCS_PNG = ROOT / "docs" / "dashboard.png"
@@ -222,6 +222,7 @@ def test_page_is_self_contained_and_builds_no_html_from_data():
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_dashboard_shows_the_demo_fleet(demo, tmp_path):
     send_some_traffic(demo, 7)
     before = health_of(demo)
@@ -300,6 +301,7 @@ def test_dashboard_shows_the_demo_fleet(demo, tmp_path):
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_dashboard_screenshot(demo, tmp_path):
     send_some_traffic(demo, 12)
     fetch(demo + "/", b'{"jsonrpc":"2.0","id":1,"method":"nodeAdmin_getConfig","params":[]}')  # one refusal

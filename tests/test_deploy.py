@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from sentinel_proxy.config import SPECS, SPECS_BY_FIELD, load_settings, read_dotenv
-from tests import test_plugin
-from tests.test_plugin import Daemon, fetch, poll
+from tests import processes
+from tests.processes import Daemon, fetch, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -123,7 +123,7 @@ def image_environment() -> dict[str, str]:
 def daemon_environment(**settings: str) -> dict[str, str]:
     """test_plugin's clean environment, less every gateway setting, plus the image's ENV and ours."""
     names = {spec.env for spec in SPECS}
-    environment = {k: v for k, v in test_plugin.CLEAN_ENV.items() if k not in names}
+    environment = {k: v for k, v in processes.CLEAN_ENV.items() if k not in names}
     environment.update(image_environment())
     environment.update(settings)
     return environment
@@ -136,17 +136,18 @@ def run_healthcheck(port: int | str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=10, check=False)
 
 
+@pytest.mark.slow
 def test_entrypoint_serves_with_environment_configuration(tmp_path, monkeypatch):
     """`docker run IMAGE --demo` without Docker: the ENTRYPOINT plus the argument, configured by the
     image's ENV and the environment only (no .env), in an empty working directory."""
     command = entrypoint()
     assert command == ["twistd", "-n", "--pidfile=", "sentinel-proxy"]
-    prefix = [Path(test_plugin.TWISTD[0]).name, *test_plugin.TWISTD[1:]]
+    prefix = [Path(processes.TWISTD[0]).name, *processes.TWISTD[1:]]
     assert command[:len(prefix)] == prefix, "Daemon must run the Dockerfile's command"
     # A node that refuses connections (nothing listens on port 9 of loopback) named in the
     # environment, next to the demo's simulated nodes: /health shows that the environment was read.
     environment = daemon_environment(SENTINEL_BACKENDS="env-node=http://127.0.0.1:9", PROXY_PORT="0")
-    monkeypatch.setattr(test_plugin, "CLEAN_ENV", environment)
+    monkeypatch.setattr(processes, "CLEAN_ENV", environment)
     daemon = Daemon([*command[len(prefix):], "--demo"], tmp_path)
     try:
         port = int(daemon.wait_for_line(LISTENING).group(1))
@@ -167,6 +168,7 @@ def test_entrypoint_serves_with_environment_configuration(tmp_path, monkeypatch)
     assert run_healthcheck(port).returncode != 0, "the HEALTHCHECK passed with no gateway listening"
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint():
     binary = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if binary is None:
@@ -299,6 +301,7 @@ def test_alert_rules_are_the_documented_ones_and_each_has_a_runbook_section():
     assert sorted(headings) == sorted(names), "a runbook section for an alert that does not exist"
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_config_and_the_alerts_fire_as_intended():
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -1,9 +1,9 @@
 """Rate limits through a real gateway: per address, per API key, X-Forwarded-For trust, shared in Redis."""
+import pytest
 import pytest_twisted
 
 from sentinel_proxy.core import jsonrpc
 from tests.support import JSON, http, post_json, rpc
-from tests.test_cache import redis_server  # noqa: F401  (fixture)
 
 ensure = pytest_twisted.ensureDeferred
 KEY = "key-for-the-tests-0123456789"
@@ -84,6 +84,7 @@ async def test_two_gateways_share_one_limit_in_redis(cluster, redis_server):  # 
     assert answers == [200] * 5, "Redis down: the limiter fails open, callers are not refused"
 
 
+@pytest.mark.slow
 def test_two_gateway_processes_share_one_limit(tmp_path, redis_server):  # noqa: F811
     """Two twistd processes against one redis-server: one client address, one bucket."""
     import time

@@ -5,6 +5,7 @@ import random
 import re
 import string
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import Logger
@@ -13,7 +14,7 @@ from sentinel_proxy.ops import logs
 from sentinel_proxy.ops.metrics import KNOWN_METHODS
 from sentinel_simnode.node import SCENARIOS, SimulatedNode, simulated_site
 from tests.support import TEST_CHAIN, RunningNode, http, post_json, rpc
-from tests.test_plugin import Daemon, fetch
+from tests.processes import Daemon, fetch
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -163,6 +164,7 @@ def test_json_log_lines_carry_named_fields():
     assert "extra" not in record and record["time"].endswith("+00:00")
 
 
+@pytest.mark.slow
 def test_json_logs_from_the_daemon_follow_a_request_by_its_id(tmp_path):
     daemon = Daemon(["sentinel-proxy", "--demo", "--listen", "tcp:0:interface=127.0.0.1", "--log-format", "json"],
                     tmp_path)

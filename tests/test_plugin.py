@@ -2,29 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-TWISTD = [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile="]
-ROOT = Path(__file__).resolve().parent.parent
-#: Nothing from the developer's shell may leak in: settings come only from each test's arguments.
-CLEAN_ENV = {k: v for k, v in os.environ.items()
-             if not re.match(r"(SENTINEL_|PROXY_|LOG_LEVEL|REQUEST_|HEALTH_|INTEGRITY_|SLOTS_|EXPECTED_|ARCHIVER_|MAX_|"
-                             r"UPSTREAM_)", k)}
+from tests.processes import Daemon, fetch, poll, run_twistd
 
+#: Every test here runs twistd as a subprocess.
+pytestmark = pytest.mark.slow
 
-def run_twistd(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(TWISTD + args, cwd=cwd, env=CLEAN_ENV, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -49,63 +35,6 @@ def test_bad_value_in_dotenv_names_the_variable(tmp_path):
     result = run_twistd(["sentinel-proxy"], tmp_path)
     assert result.returncode != 0
     assert "invalid INTEGRITY_CHECK_EPOCHS (.env): 'ten' is not a whole number" in result.stderr
-
-
-class Daemon:
-    """A twistd subprocess whose log is read on a thread, so waits are bounded and never block on I/O."""
-
-    def __init__(self, args: list[str], cwd: Path):
-        self.process = subprocess.Popen(TWISTD + args, cwd=cwd, env=CLEAN_ENV, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no log line matching {pattern!r}; log:\n{''.join(self.lines)}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=20)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(timeout=5)
-            self._reader.join(timeout=5)
-            self.process.stdout.close()
-
-
-def fetch(url: str, body: bytes | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def poll(check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.1)
 
 
 def test_demo_serves_the_fleet_and_stops_cleanly(tmp_path):

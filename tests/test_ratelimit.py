@@ -22,7 +22,8 @@ from zope.interface.verify import verifyObject
 from sentinel_proxy.stores.ratelimit import (DEFAULT_COSTS, EARLY, KEY_PREFIX, Decision, IRateLimiter,
                                       MemoryRateLimiter, RedisRateLimiter, client_ip,
                                       parse_trusted_proxies, request_cost)
-from tests.test_cache import bounded, fired, free_port, pause, redis_server, resp  # noqa: F401
+from tests.deferreds import bounded, fired, pause
+from tests.processes import free_port, resp
 
 # -- Costs
 

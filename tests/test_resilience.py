@@ -30,7 +30,7 @@ from twisted.web.server import Site
 from sentinel_proxy.core import jsonrpc
 from sentinel_simnode.node import SCENARIOS, simulated_site
 from tests.support import RunningNode, post_json, rpc, wait_for
-from tests.test_plugin import Daemon, fetch, poll
+from tests.processes import Daemon, fetch, poll
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -251,6 +251,7 @@ FAULTS = ("killed", "hang", "failing-500", "failing-reset", "failing-garbage")
 
 @pytest.mark.parametrize("fault", FAULTS)
 @ensure
+@pytest.mark.slow
 async def test_fault_matrix_no_caller_sees_a_node_failure(cluster, fault):
     """Three healthy nodes under load; one fails 20% into the run. Every read still succeeds, the
     bad node's breaker opens after a bounded number of calls, and once the node recovers the
@@ -474,6 +475,7 @@ HEDGE_CONCURRENCY = 8
 
 
 @ensure
+@pytest.mark.slow
 async def test_hedged_reads_cut_the_tail_of_a_slow_node(cluster):
     slow, fast = cluster.node("slow"), cluster.node("pruned")
     # Breakers that never open: the comparison measures hedging alone (see the next test for why).
@@ -535,6 +537,7 @@ async def test_a_lost_hedge_race_is_no_failure_of_the_slow_node(cluster):
 
 
 @ensure
+@pytest.mark.slow
 async def test_overload_is_refused_at_once_with_retry_after(cluster):
     node = cluster.node("pruned")
     service, url = await ready_gateway(cluster, [node], max_in_flight="4", **QUIET)
@@ -803,6 +806,7 @@ class ThreadLoad:
 SIGTERM_THREADS = 16
 
 
+@pytest.mark.slow
 def test_sigterm_under_load_cuts_no_request_off(tmp_path):
     """A real daemon in front of a node that takes 200 ms per answer, 16 callers at once: on
     SIGTERM every request the gateway had accepted is answered 200, later ones are refused (never
@@ -851,6 +855,7 @@ def test_sigterm_under_load_cuts_no_request_off(tmp_path):
     assert "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_sighup_reloads_backends_and_refuses_a_bad_config(tmp_path):
     node_a, port_a = start_simnode(tmp_path, "pruned")
     node_b, port_b = start_simnode(tmp_path, "pruned")

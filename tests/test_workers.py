@@ -9,7 +9,10 @@ import pytest
 
 from sentinel_proxy.state.backends import BackendPool
 from sentinel_proxy.config import ConfigError, load_settings
-from tests.test_plugin import Daemon, fetch, poll
+from tests.processes import Daemon, fetch, poll
+
+#: Every test here runs twistd as a subprocess.
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
