@@ -4,6 +4,7 @@ A separate process per fake node lets the demo and the benchmark put real socket
 boundaries between the gateway and its upstreams, e.g.::
 
     twistd -n sentinel-simnode --scenario lagging --listen tcp:18546:interface=127.0.0.1
+    twistd -n sentinel-simnode --dialect 5 --reorder-batches shuffle   # an Aztec 5.x node
 """
 
 from __future__ import annotations
@@ -17,21 +18,45 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
-from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
+from sentinel_simnode.node import DIALECTS, REORDERINGS, SCENARIOS, ChainParams, SimulatedNode, simulated_site
 
 log = Logger()
 
 _DEFAULTS = ChainParams()
+_ORDERS = [o for o in REORDERINGS if o is not None]
+
+
+def _dialect(value: str) -> str:
+    """``--dialect``: 4 or 5; anything else stops twistd with one line (no usage dump)."""
+    if value not in DIALECTS:
+        raise SystemExit(f"sentinel-simnode: unknown dialect {value!r} (choose from: {', '.join(DIALECTS)})")
+    return value
+
+
+_dialect.coerceDoc = "One of: " + ", ".join(DIALECTS) + "."  # type: ignore[attr-defined]
+
+
+def _reordering(value: str) -> str:
+    """``--reorder-batches``: reverse or shuffle; anything else stops twistd with one line."""
+    if value not in _ORDERS:
+        raise SystemExit(f"sentinel-simnode: unknown batch order {value!r} (choose from: {', '.join(_ORDERS)})")
+    return value
+
+
+_reordering.coerceDoc = "One of: " + ", ".join(_ORDERS) + "."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
     """Command line of ``sentinel-simnode``; the chain parameters default to 4.x mainnet."""
 
-    synopsis = "[--scenario NAME] [--listen ENDPOINT] [chain options]"
+    synopsis = "[--scenario NAME] [--dialect 4|5] [--listen ENDPOINT] [chain options]"
     longdesc = "Run a simulated Aztec node. Scenarios: " + ", ".join(SCENARIOS) + "."
     optParameters = [
         ["scenario", None, "pruned", "Behaviour of the node: " + ", ".join(SCENARIOS) + "."],
         ["listen", None, "tcp:18545:interface=127.0.0.1", "Endpoint description to listen on."],
+        ["dialect", None, "4", "Aztec wire dialect: 4 (node_*) or 5 (aztec_*, node_* as aliases)", _dialect],
+        ["reorder-batches", None, None, "Answer batches in another order than they were asked in",
+         _reordering],
         ["slots-per-epoch", None, _DEFAULTS.slots_per_epoch, "Slots per epoch.", int],
         ["committee", None, _DEFAULTS.committee_size, "Validators per epoch committee.", int],
         ["slot-seconds", None, _DEFAULTS.slot_seconds, "Seconds per slot.", float],
@@ -42,11 +67,13 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        """Reject an unknown scenario with one line (no usage dump), and bad chain numbers."""
+        """Reject an unknown scenario (or a legacy one in dialect 5) with one line, and bad chain numbers."""
         if self["scenario"] not in SCENARIOS:
             raise SystemExit(
                 f"sentinel-simnode: unknown scenario {self['scenario']!r} (choose from: {', '.join(SCENARIOS)})"
             )
+        if SCENARIOS[self["scenario"]].legacy and self["dialect"] != "4":
+            raise SystemExit(f"sentinel-simnode: scenario {self['scenario']!r} has 2.x/3.x shapes: use --dialect 4")
         try:
             self["chain"] = ChainParams(
                 slots_per_epoch=self["slots-per-epoch"],
@@ -69,9 +96,11 @@ def makeService(options: Options, reactor: IReactorTime | None = None) -> IServi
         scenario = dataclasses.replace(scenario, delay_seconds=options["delay-ms"] / 1000.0)
     if options["history-epochs"] is not None:
         scenario = dataclasses.replace(scenario, history_epochs=options["history-epochs"])
-    node = SimulatedNode(scenario, options["chain"], clock=reactor)
+    node = SimulatedNode(scenario, options["chain"], clock=reactor, dialect=options["dialect"],
+                         reorder_batches=options["reorder-batches"])
     log.info(
-        "simulated Aztec node ({scenario}) listening on {listen}",
+        "simulated Aztec {dialect}.x node ({scenario}) listening on {listen}",
+        dialect=options["dialect"],
         scenario=options["scenario"],
         listen=options["listen"],
     )

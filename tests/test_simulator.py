@@ -1,5 +1,6 @@
-"""The simulated Aztec node: the pure chain model (driven by ``task.Clock``) and its wire protocol
-over real loopback HTTP.  Nothing here sleeps; every wait is bounded by a timeout.
+"""The simulated Aztec node: the pure chain model (driven by ``task.Clock``) and its wire protocol,
+in both dialects (4.x ``node_*``, 5.x ``aztec_*``), in memory and over real loopback HTTP.  Nothing here
+sleeps; every wait is bounded by a timeout.
 """
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ from sentinel_simnode.node import (
     SCENARIOS,
     ChainParams,
     SimulatedNode,
+    archive_root,
     block_hash,
     block_number_for_hash,
     chain_state,
     committee,
     initial_slot,
+    public_log_tag,
+    pruned_error_4,
+    pruned_error_5,
     simulated_site,
     tx_hash,
     tx_location,
@@ -264,7 +269,8 @@ def test_world_state_and_pruned_storage() -> None:
     args = ["0x" + "11" * 32, "0x01"]
     status, answer = ask(pruned, call("node_getPublicStorageAt", [10, *args]))
     assert status == 400 and answer["error"]["code"] == -32702
-    assert "World state not available for block 10" in answer["error"]["message"]
+    # The 4.x node's own wording (native world state, see docs/aztec-protocol.md), not a made-up one.
+    assert answer["error"]["message"] == "Unable to find low leaf for block 10, failed to get block data."
     value = result(archiver, "node_getPublicStorageAt", 10, *args)
     assert value.startswith("0x") and len(value) == 66
     same = [result(node, "node_getPublicStorageAt", 990, *args) for node in (pruned, archiver)]
@@ -308,14 +314,15 @@ def test_jsonrpc_errors_and_batches() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.one_of(st.integers(-2**53, 2**53), st.text(max_size=12)), min_size=1, max_size=20))
 def test_batch_keeps_order_and_ids(ids: list[int | str]) -> None:
-    node = SimulatedNode("pruned", STILL, clock=task.Clock())
-    methods = ["node_getBlockNumber", "node_getBlock", "node_nope", "node_isReady"]
+    methods = ["node_getBlockNumber", "node_getBlock", "node_nope", "node_isReady"]  # node_* is an alias in 5
     batch = [call(methods[i % 4], [1 + i] if i % 4 == 1 else [], id_) for i, id_ in enumerate(ids)]
-    status, answer = ask(node, batch)
-    assert status == 200 and len(answer) == len(ids)
-    for i, (item, id_) in enumerate(zip(answer, ids)):
-        assert item["id"] == id_ and type(item["id"]) is type(id_)
-        assert ("error" in item) == (i % 4 == 2)
+    for dialect in ("4", "5"):
+        node = SimulatedNode("pruned", STILL, clock=task.Clock(), dialect=dialect)
+        status, answer = ask(node, batch)
+        assert status == 200 and len(answer) == len(ids)
+        for i, (item, id_) in enumerate(zip(answer, ids)):
+            assert item["id"] == id_ and type(item["id"]) is type(id_)
+            assert ("error" in item) == (i % 4 == 2)
 
 
 # ------------------------------------------------------------------------------ over HTTP
@@ -344,8 +351,8 @@ async def serve():
     """``serve(scenario) -> (node, url)``: a node listening on loopback, stopped after the test."""
     ports = []
 
-    def start(scenario: str = "pruned", chain: ChainParams = STILL) -> tuple[SimulatedNode, str]:
-        node = SimulatedNode(scenario, chain)
+    def start(scenario: str = "pruned", chain: ChainParams = STILL, **options: Any) -> tuple[SimulatedNode, str]:
+        node = SimulatedNode(scenario, chain, **options)
         port = reactor.listenTCP(0, simulated_site(node), interface="127.0.0.1")
         ports.append(port)
         return node, f"http://127.0.0.1:{port.getHost().port}/"
@@ -494,3 +501,295 @@ def test_make_service_builds_the_node() -> None:
     assert (node.chain.slots_per_epoch, node.chain.committee_size, node.chain.block_seconds) == (8, 4, 6.0)
     with pytest.raises(SystemExit, match="unknown scenario 'x' \\(choose from: archiver, pruned"):
         simnode_tap.Options().parseOptions(["--scenario", "x"])
+
+
+# ------------------------------------------------------------------------------ dialect 5 (Aztec 5.x)
+
+STORAGE = ["0x" + "11" * 32, "0x01"]
+
+
+def node5(scenario: str = "pruned", **options: Any) -> SimulatedNode:
+    return SimulatedNode(scenario, CHAIN, clock=task.Clock(), dialect="5", **options)
+
+
+def error_code(node: SimulatedNode, method: str, *params: Any) -> int:
+    status, answer = ask(node, call(method, list(params)))
+    assert status == 400, answer
+    return answer["error"]["code"]
+
+
+def test_dialect_5_names_aliases_and_removed_methods() -> None:
+    four, five = SimulatedNode("pruned", CHAIN, clock=task.Clock()), node5()
+    for method, params in (("getBlockNumber", []), ("getChainTips", []), ("getBlock", [990]),
+                           ("getNodeInfo", []), ("getWorldStateSyncStatus", []), ("isReady", [])):
+        assert result(five, f"aztec_{method}", *params) == result(five, f"node_{method}", *params)
+    assert result(five, "aztec_getChainTips") == result(four, "node_getL2Tips")  # same 4.x shape, new name
+    for gone in ("getL2Tips", "getProvenBlockNumber", "getCheckpointedBlockNumber", "getBlockByHash",
+                 "getBlockHeader", "getPublicLogs"):
+        for namespace in ("aztec", "node"):
+            status, answer = ask(five, call(f"{namespace}_{gone}"))
+            assert (status, answer["error"]) == (
+                400, {"code": -32601, "message": f"Method not found: {namespace}_{gone}"})
+    for new in ("aztec_getBlockNumber", "node_getChainTips", "node_getBlockData", "node_getCheckpointNumber"):
+        assert error_code(four, new) == -32601  # 4.x knows none of these
+    for node in (four, five):
+        assert 0 < len(result(node, "p2p_getPeers")) < 10
+        assert error_code(node, "nodeAdmin_getConfig") == error_code(node, "aztecAdmin_getConfig") == -32601
+    assert five.calls["aztec_getBlockNumber"] == five.calls["node_getBlockNumber"] == 1
+    info = result(five, "aztec_getNodeInfo")
+    assert info["nodeVersion"] == "5.2.0" and result(four, "node_getNodeInfo")["nodeVersion"] == "4.1.2"
+
+
+def test_dialect_5_not_found_is_result_null() -> None:
+    four, five = SimulatedNode("pruned", CHAIN, clock=task.Clock()), node5()
+    unknown_tx = "0x" + "ab" * 32
+    for node, method, params in ((five, "aztec_getBlock", [1001]), (five, "node_getBlock", ["5"]),
+                                 (five, "aztec_getBlockData", [block_hash(1001)]),
+                                 (five, "aztec_getTxEffect", [unknown_tx]), (five, "aztec_getCheckpoint", [10**6])):
+        assert node.handle_body(json.dumps(call(method, params, 3)).encode()) == (
+            200, b'{"jsonrpc":"2.0","id":3,"result":null}'), method
+    assert four.handle_body(json.dumps(call("node_getBlock", [1001], 3)).encode()) == (200, b'{"jsonrpc":"2.0","id":3}')
+    batch = [call("aztec_getBlock", [1001], 1), call("aztec_getBlockNumber", [], 2)]
+    status, body = five.handle_body(json.dumps(batch).encode())
+    assert status == 200 and json.loads(body) == [{"jsonrpc": "2.0", "id": 1, "result": None},
+                                                 {"jsonrpc": "2.0", "id": 2, "result": 1000}]
+
+
+@pytest.mark.parametrize("param, expected", [
+    (990, 990), (990.0, 990), ("latest", 1000), ("proposed", 1000), ("checkpointed", 998), ("proven", 990),
+    ("finalized", 980), (block_hash(990), 990), (block_hash(990).upper().replace("0X", "0x"), 990),
+    ("5", None),  # a decimal string is a hash (the field element 5), as in 4.x, never block 5
+    ("0x5", None), (1001, None), (0, None),
+    ({"number": 990}, 990), ({"number": "990"}, 990), ({"hash": block_hash(990)}, 990),
+    ({"archive": archive_root(990)}, 990), ({"tag": "proven"}, 990), ({"tag": "finalized", "extra": 1}, 980),
+    ({"number": 990, "hash": block_hash(990)}, 990), ({"number": 991, "hash": block_hash(990)}, None),
+    ({"archive": archive_root(5000)}, None),
+])
+def test_dialect_5_block_parameter_forms(param: Any, expected: int | None) -> None:
+    block = result(node5(), "aztec_getBlock", param)
+    assert (None if block is None else block["number"]) == expected
+
+
+@pytest.mark.parametrize("param, code", [
+    (-1, -32701), (1.5, -32701), (True, -32701), (None, -32701), ([990], -32701), ("pending", -32701),
+    ({"tag": "latest"}, -32701), ({"number": 1, "tag": "proven"}, -32701), ({}, -32701), ({"number": -1}, -32701),
+    ("abc", -32702), ("0x", -32702), ("0x" + "f" * 65, -32702),  # hex-looking but no field element: thrown
+])
+def test_dialect_5_bad_block_parameters(param: Any, code: int) -> None:
+    assert error_code(node5(), "aztec_getBlock", param) == code
+
+
+def test_dialect_5_block_numbers_by_tag() -> None:
+    clock = task.Clock()
+    node = SimulatedNode("pruned", CHAIN, clock=clock, dialect="5")
+    clock.advance(2 * 5)
+    assert [result(node, "aztec_getBlockNumber", *tag) for tag in ([], [None], ["proposed"], ["checkpointed"],
+                                                                 ["proven"], ["finalized"])] == [
+        1005, 1005, 1005, 1003, 995, 985]
+    assert error_code(node, "aztec_getBlockNumber", "latest") == -32701  # BlockTagWithoutLatestSchema
+    assert error_code(node, "aztec_getBlockNumber", 7) == -32701
+    assert [result(node, "aztec_getCheckpointNumber", *tag) for tag in ([], ["checkpointed"], ["proven"],
+                                                                      ["finalized"])] == [251, 251, 249, 247]
+    assert error_code(node, "aztec_getCheckpointNumber", "proposed") == -32701
+
+
+def test_dialect_5_block_shapes() -> None:
+    four, five = SimulatedNode("pruned", CHAIN, clock=task.Clock()), node5()
+    full = result(four, "node_getBlock", 990)
+    bare = result(five, "aztec_getBlock", 990)
+    assert "body" not in bare and bare == {k: v for k, v in full.items() if k != "body"}
+    assert result(five, "aztec_getBlock", 990, {"includeTransactions": True}) == full
+    rich = result(five, "aztec_getBlock", 990, {"includeL1PublishInfo": True, "includeAttestations": True})
+    assert set(rich["l1"]) == {"blockNumber", "timestamp", "blockHash"} and "body" not in rich
+    assert {"address", "signature"} == set(rich["attestations"][0])
+    assert error_code(five, "aztec_getBlock", 990, {"includeTransactions": "yes"}) == -32701
+    finalized = result(four, "node_getBlock", 980)
+    assert result(five, "aztec_getBlockData", "finalized") == {
+        "header": finalized["header"], "archive": finalized["archive"], "blockHash": block_hash(980),
+        "checkpointNumber": 245, "indexWithinCheckpoint": 3}
+    assert [b["number"] for b in result(five, "aztec_getBlocks", "998", 5)] == [998, 999, 1000]  # "998" is fine here
+    assert all("body" not in b for b in result(five, "aztec_getBlocks", 1, 3))
+    assert [len(b["body"]["txEffects"]) for b in result(five, "aztec_getBlocks", 1, 3, {"includeTransactions": True})] \
+        == [2, 3, 1]
+    for bad in ([0, 5], [1, 0], [1, 51], ["x", 5]):
+        assert error_code(five, "aztec_getBlocks", *bad) == -32701
+    receipt = result(five, "aztec_getTxReceipt", tx_hash(990, 0), {"includeTxEffect": True})
+    assert receipt["status"] == "proven" and receipt["txEffect"] == full["body"]["txEffects"][0]
+    assert "txEffect" not in result(five, "aztec_getTxReceipt", tx_hash(990, 0))
+
+
+def test_dialect_5_checkpoints_and_logs() -> None:
+    node = node5()
+    latest = result(node, "aztec_getCheckpoint", "checkpointed")
+    assert latest["number"] == 250 and latest["startBlock"] == 997 and latest["blockCount"] == 4
+    assert result(node, "aztec_getCheckpoint", {"number": "240"})["startBlock"] == 957
+    assert result(node, "aztec_getCheckpoint", 240) == result(node, "aztec_getCheckpoint", {"number": 240})
+    assert result(node, "aztec_getCheckpoint", {"slot": CHAIN.start_slot})["number"] == 250
+    with_blocks = result(node, "aztec_getCheckpoint", 240, {"includeBlocks": True})
+    assert [b["number"] for b in with_blocks["blocks"]] == [957, 958, 959, 960]
+    assert result(node, "aztec_getCheckpoint", 251) is None  # not checkpointed yet
+    assert error_code(node, "aztec_getCheckpoint", "proposed") == -32701
+    assert [c["number"] for c in result(node, "aztec_getCheckpoints", 248, 5)] == [248, 249, 250]
+    data = result(node, "aztec_getCheckpointsData", {"from": 240, "limit": 3})
+    assert [c["checkpointNumber"] for c in data] == [240, 241, 242]
+    assert {"header", "archive", "checkpointOutHash", "startBlock", "blockCount", "attestations", "l1"} <= set(data[0])
+    epoch = result(node, "aztec_getCheckpointsData", {"epoch": CHAIN.start_slot // CHAIN.slots_per_epoch})
+    assert epoch[-1]["checkpointNumber"] == 250 and len(epoch) > 50
+    reverse = result(node, "aztec_getCheckpointsData", {"fromSlot": CHAIN.start_slot, "limit": 2, "reverse": True})
+    assert [c["checkpointNumber"] for c in reverse] == [250, 249]
+    for bad in ({"from": 1}, {"epoch": 1, "limit": 2}, "x"):
+        assert error_code(node, "aztec_getCheckpointsData", bad) == -32701
+    query = {"contractAddress": "0x" + "22" * 32, "tags": [public_log_tag(990), {"tag": public_log_tag(995)},
+                                                          "0x" + "33" * 32, public_log_tag(2000)]}
+    logs = result(node, "aztec_getPublicLogsByTags", query)
+    assert [len(hits) for hits in logs] == [1, 1, 0, 0]
+    assert logs[0][0]["blockNumber"] == 990 and logs[0][0]["txHash"] == tx_hash(990, 0)
+    assert "noteHashes" in result(node, "aztec_getPublicLogsByTags", {**query, "includeEffects": True})[0][0]
+    assert result(node, "aztec_getPublicLogsByTags", {**query, "fromBlock": 991}) == [[], logs[1], [], []]
+    assert error_code(node, "aztec_getPublicLogsByTags", {"tags": []}) == -32701
+
+
+def test_pruned_state_errors_in_both_dialects() -> None:
+    """Below the oldest historic block (936 here) both dialects fail with -32702 and their node's wording."""
+    four, five = SimulatedNode("pruned", CHAIN, clock=task.Clock()), node5()
+    assert result(five, "aztec_getWorldStateSyncStatus")["oldestHistoricBlockNumber"] == 936
+    expected = {four: "Unable to find low leaf for block 935, failed to get block data.",
+                five: "Unable to find leaf for block 935 in the archive tree: world state history has been "
+                      "pruned to block 936"}
+    assert (pruned_error_4(935), pruned_error_5(935, 936)) == (expected[four], expected[five])
+    for node, method in ((four, "node_getPublicStorageAt"), (five, "aztec_getPublicStorageAt"),
+                         (five, "node_getPublicStorageAt")):
+        status, answer = ask(node, call(method, [935, *STORAGE]))
+        assert status == 400 and answer["error"] == {"code": -32702, "message": expected[node]}
+        assert result(node, method, 936, *STORAGE).startswith("0x")  # the oldest historic block itself is there
+    for param in ({"number": 935}, {"hash": block_hash(935)}, {"archive": archive_root(935)}, block_hash(935)):
+        assert ask(five, call("aztec_getPublicStorageAt", [param, *STORAGE]))[1]["error"]["message"] == expected[five]
+    for param in ("latest", "proposed", {"tag": "proposed"}, "finalized", 936):
+        assert result(five, "aztec_getPublicStorageAt", param, *STORAGE).startswith("0x")
+    archiver = SimulatedNode("archiver", CHAIN, clock=task.Clock(), dialect="5")
+    assert result(archiver, "aztec_getPublicStorageAt", 10, *STORAGE).startswith("0x")  # an archiver keeps it all
+    reorg = "If the node API has been queried with anchor block hash possibly a reorg has occurred."
+    five_hash = "0x" + "0" * 63 + "5"  # "5" is read as the field element 5
+    for node, method, param, message in (
+            (four, "node_getPublicStorageAt", 1001,
+             "Queried block 1001 not yet synced by the node (node is synced upto 1000)."),
+            (four, "node_getPublicStorageAt", "5",
+             f"Block hash {five_hash} not found when querying world state. {reorg}"),
+            (five, "aztec_getPublicStorageAt", 1001, "Block not found for number=1001 when resolving query."),
+            (five, "aztec_getPublicStorageAt", "5", f"Block hash {five_hash} not found when resolving query. {reorg}"),
+            (five, "aztec_getPublicStorageAt", {"archive": "0x" + "44" * 32},
+             "Block with archive 0x" + "44" * 32 + " not found when resolving query.")):
+        status, answer = ask(node, call(method, [param, *STORAGE]))
+        assert (status, answer["error"]) == (400, {"code": -32702, "message": message})
+
+
+@pytest.mark.parametrize("dialect, code, batch_message",
+                         [("4", -32600, "Invalid Request"), ("5", -32603, "Internal error")])
+def test_uncaught_server_errors(dialect: str, code: int, batch_message: str) -> None:
+    node = SimulatedNode("pruned", CHAIN, clock=task.Clock(), dialect=dialect)
+
+    def boom(params: list[Any], state: Any) -> bytes:
+        raise RuntimeError("boom")
+
+    node.handlers["node_getBlock"] = boom
+    status, answer = ask(node, call("node_getBlock", [1], 4))
+    assert (status, answer) == (500, {"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": "boom"}})
+    status, answer = ask(node, [call("node_getBlockNumber", [], 1), call("node_getBlock", [1], 2)])
+    assert status == 200 and answer[0]["result"] == 1000
+    assert answer[1] == {"jsonrpc": "2.0", "error": {"code": code, "message": batch_message}, "id": None}
+
+
+def test_dialect_5_validator_statuses() -> None:
+    last = CHAIN.start_slot + 40
+    four = by_slot(validators_stats(CHAIN, SCENARIOS["pruned"], last))
+    five = by_slot(validators_stats(CHAIN, SCENARIOS["pruned"], last, "5"))
+    rename = {"checkpoint-proposed": "checkpoint-valid"}
+    assert five == {slot: [(a, rename.get(s, s)) for a, s in entries] for slot, entries in four.items()}
+    statuses = {s for entries in five.values() for _, s in entries}
+    assert "checkpoint-proposed" not in statuses and {"checkpoint-valid", "checkpoint-mined"} <= statuses
+    stats = result(node5(), "aztec_getValidatorsStats")
+    assert not any(h["status"] == "checkpoint-proposed" for e in stats["stats"].values() for h in e["history"])
+
+
+@pytest.mark.parametrize("dialect", ["4", "5"])
+def test_reordered_batches_keep_ids(dialect: str) -> None:
+    batch = [call("node_getBlock", [900 + i], f"id-{i}") for i in range(12)]
+    expected = {f"id-{i}": 900 + i for i in range(12)}
+    for order in ("reverse", "shuffle"):
+        node = SimulatedNode("pruned", CHAIN, clock=task.Clock(), dialect=dialect, reorder_batches=order)
+        status, answer = ask(node, batch)
+        assert status == 200 and {a["id"]: a["result"]["number"] for a in answer} == expected
+        ids = [a["id"] for a in answer]
+        assert ids != [b["id"] for b in batch]
+        if order == "reverse":
+            assert ids == [b["id"] for b in reversed(batch)]
+    node = SimulatedNode("pruned", CHAIN, clock=task.Clock(), dialect=dialect)
+    node.reorder_batches = "shuffle"
+    assert [a["id"] for a in ask(node, batch[:2])[1]] == ["id-1", "id-0"]  # never a shuffle that changes nothing
+    node.reorder_batches = None
+    assert [a["id"] for a in ask(node, batch)[1]] == [b["id"] for b in batch]
+    with pytest.raises(ValueError, match="reorder_batches"):
+        SimulatedNode("pruned", CHAIN, clock=task.Clock(), reorder_batches="sideways")
+
+
+def test_dialect_is_checked() -> None:
+    with pytest.raises(ValueError, match="dialect must be one of 4, 5"):
+        SimulatedNode("pruned", CHAIN, clock=task.Clock(), dialect="6")
+    with pytest.raises(ValueError, match="needs dialect 4"):
+        node5("legacy")
+    node = node5()
+    with pytest.raises(ValueError, match="needs dialect 4"):
+        node.scenario = "legacy"
+    assert node.scenario is SCENARIOS["pruned"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_dialect_5(serve) -> None:
+    node, url = serve(dialect="5")
+    code, headers, body = await http(url, json.dumps(call("aztec_getBlock", [999_999], 5)).encode())
+    assert (code, body) == (200, b'{"jsonrpc":"2.0","id":5,"result":null}')
+    for name in AZTEC_HEADERS:
+        assert header(headers, name), name
+    assert header(headers, "x-aztec-packageVersion") == "5.2.0"
+    code, headers, body = await http(url + "status", method="GET", headers={})
+    assert (code, header(headers, "content-type"), json.loads(body)) == (
+        200, "application/json", {"ok": True, "components": {"aztec": {"healthy": True}, "node": {"healthy": True}}})
+    gz_headers = {**JSON_CT, b"accept-encoding": [b"gzip"]}
+    code, headers, packed = await http(url, json.dumps([call("aztec_getValidatorsStats", id_=0)]).encode(),
+                                       headers=gz_headers)
+    assert header(headers, "content-encoding") == "gzip" and json.loads(gzip.decompress(packed))[0]["id"] == 0
+    code, _, body = await http(url, json.dumps(call("node_getL2Tips")).encode())
+    assert code == 400 and json.loads(body)["error"]["code"] == -32601
+    node.scenario = "not-ready"
+    code, _, body = await http(url + "status", method="GET", headers={})
+    assert (code, json.loads(body)["ok"]) == (500, False)
+    _, url4 = serve()
+    code, headers, body = await http(url4 + "status", method="GET", headers={})
+    assert (code, body) == (200, b"OK") and header(headers, "x-aztec-packageVersion") == "4.1.2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_reordered_batch(serve) -> None:
+    node, url = serve(dialect="5", reorder_batches="reverse")
+    batch = [call("aztec_getBlockNumber", id_=0), call("aztec_getBlock", [990], 1), call("aztec_nope", id_=2)]
+    code, _, body = await http(url, json.dumps(batch).encode())
+    answer = json.loads(body)
+    assert code == 200 and [a["id"] for a in answer] == [2, 1, 0]
+    assert answer[0]["error"]["code"] == -32601 and answer[1]["result"]["number"] == 990 and answer[2]["result"] == 1000
+
+
+def test_make_service_dialect_options() -> None:
+    options = simnode_tap.Options()
+    options.parseOptions(["--dialect", "5", "--reorder-batches", "shuffle", "--listen", "tcp:0:interface=127.0.0.1"])
+    node = simnode_tap.makeService(options, reactor=task.Clock()).factory.resource
+    assert (node.dialect, node.reorder_batches) == ("5", "shuffle")
+    default = simnode_tap.Options()
+    default.parseOptions([])
+    node = simnode_tap.makeService(default, reactor=task.Clock()).factory.resource
+    assert (node.dialect, node.reorder_batches) == ("4", None)
+    with pytest.raises(SystemExit, match=r"^sentinel-simnode: unknown dialect '6' \(choose from: 4, 5\)$"):
+        simnode_tap.Options().parseOptions(["--dialect", "6"])
+    with pytest.raises(SystemExit, match="unknown batch order 'x'"):
+        simnode_tap.Options().parseOptions(["--reorder-batches", "x"])
+    with pytest.raises(SystemExit, match="scenario 'legacy' has 2.x/3.x shapes: use --dialect 4"):
+        simnode_tap.Options().parseOptions(["--scenario", "legacy", "--dialect", "5"])
