@@ -19,6 +19,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY setup.py ./
 COPY sentinel_proxy ./sentinel_proxy
+COPY sentinel_simnode ./sentinel_simnode
 COPY twisted/plugins/sentinel_proxy_plugin.py ./twisted/plugins/
 RUN pip wheel --wheel-dir /wheels .
 

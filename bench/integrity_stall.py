@@ -17,7 +17,7 @@ from functools import partial
 from twisted.internet import defer, reactor, task, threads
 
 from sentinel_proxy.state.backends import BackendPool
-from sentinel_proxy.checks.periodic import IntegrityService, run_inline
+from sentinel_proxy.checks import CheckClient, IntegrityService, run_inline
 from sentinel_proxy.core.integrity import IntegrityParams
 from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
 from sentinel_proxy.upstream.client import UpstreamClient
@@ -57,7 +57,7 @@ async def measure(rounds: int) -> None:
     body = node.handle_body(b'{"jsonrpc":"2.0","id":1,"method":"node_getValidatorsStats","params":[]}')[1]
     print(f"answer: {len(body) / 1e6:.2f} MB")
     for label, runner in (("on the reactor thread", run_inline), ("in the thread pool", in_thread)):
-        service = IntegrityService(pool, upstream, 3600, 30, reactor, PARAMS, runner=runner)
+        service = IntegrityService(pool, CheckClient.over(upstream.agent, reactor), 3600, 30, reactor, PARAMS, runner=runner)
         stalls = []
         for _ in range(rounds):
             meter = GapMeter()

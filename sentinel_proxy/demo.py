@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from sentinel_proxy.state.backends import BackendPool
-from sentinel_proxy.config import Settings
+from sentinel_proxy.settings import Settings
 from sentinel_proxy.ops.logs import observer
 from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
 
@@ -22,6 +22,16 @@ log = Logger(observer=observer)
 #: One node per thing the gateway must tell apart: a deep archiver, a pruned node, a node with
 #: holes in its history and a node behind the others.
 DEMO_SCENARIOS = ("archiver", "pruned", "missing-epochs", "lagging")
+
+
+def announce(port: IListeningPort) -> None:
+    """Once the gateway listens: where to look, and a first call to try."""
+    address = port.getHost()
+    if hasattr(address, "port"):
+        url = f"http://127.0.0.1:{address.port}"
+        log.info("demo: open {url}/health, or try: curl -s -H 'Content-Type: application/json' -d "
+                 "'[{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"node_getBlockNumber\",\"params\":[]}}]' "
+                 "{url}/", url=url)
 
 
 def demo_chain(settings: Settings) -> ChainParams:

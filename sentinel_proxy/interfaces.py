@@ -56,3 +56,27 @@ class IForwardingClient(Interface):
 
     def close() -> Deferred:
         """Drop pooled connections; fire with None when done."""
+
+
+class ICheckClient(Interface):
+    """The control plane's calls to one node: the health and integrity checks' JSON-RPC requests.
+
+    Separate from :class:`IForwardingClient` because checks want the opposite: answers decoded
+    (gzip accepted), parsed, and anything but a usable HTTP 200 turned into a failed check.
+    """
+
+    def fetch(backend, body: bytes, timeout: float):
+        """Coroutine: POST the JSON-RPC ``body`` and return a ``CheckAnswer`` (headers, decoded body).
+
+        The whole exchange is bounded by ``timeout`` seconds (the deadline closes the connection)
+        and the decoded body by CHECK_MAX_RESPONSE. Raises ``UpstreamError`` when the node gave
+        no answer and ``RpcCallError`` for any status but 200.
+        """
+
+    def batch(backend, calls, timeout: float):
+        """Coroutine: ``calls`` ((method, params), ...) in one JSON-RPC batch, as ``fetch``.
+
+        Returns (results, headers): one item per call, in the order of ``calls`` whatever order
+        the node answers in, each the call's ``result`` or an ``RpcCallError``. Raises
+        ``RpcCallError`` when the answer as a whole is not a JSON array.
+        """

@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 
 from sentinel_proxy.config import Settings, load_settings
 from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
-from sentinel_proxy.tap import GatewayService, build_service
+from sentinel_proxy.service import Gateway as GatewayService, build_service
 from sentinel_proxy.upstream.client import BytesProducer, read_body
 
 #: A small, slow chain: the tip does not move during a test, so direct and proxied answers match,

@@ -1,119 +1,432 @@
-"""The check services' loops, driven by task.Clock, with an in-memory upstream."""
+"""The checks, in memory: the real treq control client over ``RequestTraversalAgent`` to simulated
+nodes, and ``task.Clock`` for the loops and the deadlines. No sockets, no sleeps."""
+from __future__ import annotations
+
+import base64
 import json
+from typing import Any, Callable
 
 import pytest
+from treq.testing import RequestTraversalAgent, StringStubbingResource
 from twisted.internet import defer, task
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from sentinel_proxy.state.backends import BackendPool
-from sentinel_proxy.checks.periodic import HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
+from sentinel_proxy.checks import CheckClient, HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
+from sentinel_proxy.checks.client import CHECK_MAX_RESPONSE, RpcCallError
+from sentinel_proxy.checks.health import HEALTH_CALLS
+from sentinel_proxy.checks.integrity import Runner, run_inline
 from sentinel_proxy.core.integrity import IntegrityParams
-from sentinel_proxy.upstream.client import RpcCallError, UpstreamError, UpstreamResponse
+from sentinel_proxy.interfaces import ICheckClient
+from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.upstream.client import UpstreamError
+from sentinel_simnode.node import ChainParams, SimulatedNode
+
+#: A chain that does not move while a test runs, small enough to analyse in milliseconds.
+CHAIN = ChainParams(slots_per_epoch=8, committee_size=4, slot_seconds=600.0, block_seconds=600.0)
+PARAMS = IntegrityParams(slots_per_epoch=8, expected_validators=4)
+TIMEOUT = 5.0
 
 
-class ScriptedUpstream:
-    """Answers check calls from a table: node URL -> method -> value, exception, or a pending Deferred.
+class ByHost(Resource):
+    """One in-memory server for several nodes, told apart by the Host header (``name:1``)."""
 
-    A whole-request failure (the node is down) is a table entry of an exception instead of a dict.
-    """
+    isLeaf = True
 
-    def __init__(self, answers, headers=None):
-        self.answers = answers
-        self.headers = headers or Headers()
-        self.calls = []
+    def __init__(self, nodes: dict[str, Resource]):
+        super().__init__()
+        self.nodes = nodes
 
-    async def _answer(self, backend, method):
-        self.calls.append((backend.url, method))
-        table = self.answers[backend.url]
-        if isinstance(table, BaseException):
-            raise table
-        answer = table.get(method, RpcCallError(f"{method}: error -32601"))
-        if isinstance(answer, defer.Deferred):
-            return await answer
-        return answer
-
-    async def batch(self, backend, calls, timeout):
-        results = []
-        for method, _ in calls:
-            answer = await self._answer(backend, method)
-            if isinstance(answer, BaseException) and not isinstance(answer, RpcCallError):
-                raise answer
-            results.append(answer)
-        return results, self.headers
-
-    async def fetch(self, backend, body, timeout):
-        method = json.loads(body)["method"]
-        answer = await self._answer(backend, method)
-        if isinstance(answer, BaseException):
-            raise answer
-        return UpstreamResponse(200, Headers(), json.dumps({"jsonrpc": "2.0", "id": 1, "result": answer}).encode())
+    def render(self, request: Any) -> Any:
+        return self.nodes[request.getHeader(b"host").decode()].render(request)
 
 
-def health_service(pool, upstream, clock):
-    return HealthService(pool, upstream, interval=30.0, timeout=5.0, clock=clock)
+class Recording(Resource):
+    """Passes requests to ``inner`` and keeps what went over the wire: headers both ways, path."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource):
+        super().__init__()
+        self.inner = inner
+        self.seen: list[dict[str, Any]] = []
+
+    def render(self, request: Any) -> Any:
+        out = self.inner.render(request)
+        self.seen.append({"path": request.path, "request": request.requestHeaders, "response": request.responseHeaders})
+        return out
+
+
+class Reordering(Resource):
+    """A node that answers a batch back to front (allowed by JSON-RPC)."""
+
+    isLeaf = True
+
+    def __init__(self, node: SimulatedNode):
+        super().__init__()
+        self.node = node
+
+    def render(self, request: Any) -> bytes:
+        status, body = self.node.handle_body(request.content.read())
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(json.loads(body)[::-1]).encode()
+
+
+class Stalling(Resource):
+    """Sends the headers and the start of a long body, then nothing."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"100000")
+        request.write(b"[" + b" " * 1000)
+        request.notifyFinish().addErrback(self.lost.append)
+        return NOT_DONE_YET
+
+
+def scripted(answer: Callable[[list[dict[str, Any]]], Any], code: int = 200,
+             headers: dict[bytes, bytes] | None = None) -> StringStubbingResource:
+    """A node whose batch answer is ``answer(calls)``, serialised unless it is already bytes."""
+    def respond(method: bytes, url: str, params: Any, request_headers: Any, data: bytes) -> tuple:
+        out = answer(json.loads(data))
+        return code, headers or {b"content-type": b"application/json"}, out if isinstance(out, bytes) else json.dumps(out).encode()
+
+    return StringStubbingResource(respond)
+
+
+def answers(results: dict[str, Any]) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Answer each call with ``results[method]``: a result, or an exception for an error answer."""
+    def answer(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for call in calls:
+            value = results.get(call["method"], Exception("Method not found"))
+            if isinstance(value, Exception):
+                out.append({"jsonrpc": "2.0", "id": call["id"], "error": {"code": -32601, "message": str(value)}})
+            else:
+                out.append({"jsonrpc": "2.0", "id": call["id"], "result": value})
+        return out
+
+    return answer
+
+
+class Setup:
+    """Backends named after their ``nodes`` keys (``http://name:1``) and the check client over them."""
+
+    def __init__(self, clock: task.Clock, nodes: dict[str, Resource], limit: int = CHECK_MAX_RESPONSE,
+                 **pool_options: Any):
+        self.clock = clock
+        self.agent = RequestTraversalAgent(ByHost({f"{name}:1": node for name, node in nodes.items()}))
+        self.client = CheckClient.over(self.agent, self.clock, limit)
+        self.pool = BackendPool([f"http://{name}:1" for name in nodes], **pool_options)
+        self.backends = dict(zip(nodes, self.pool.backends))
+
+    def health(self, client: Any = None) -> HealthService:
+        return HealthService(self.pool, client or self.client, 30.0, TIMEOUT, self.clock)
+
+    def integrity(self, runner: Runner = run_inline) -> IntegrityService:
+        return IntegrityService(self.pool, self.client, 60.0, TIMEOUT, self.clock, PARAMS, runner=runner)
+
+
+def simulated(scenario: str, clock: task.Clock) -> SimulatedNode:
+    return SimulatedNode(scenario, CHAIN, clock=clock)
+
+
+# ------------------------------------------------------------------------------ health
 
 
 def test_health_check_runs_at_start_and_every_interval():
     clock = task.Clock()
-    pool = BackendPool(["http://good:1", "http://notready:1", "http://down:1", "http://garbage:1"])
-    upstream = ScriptedUpstream({
-        "http://good:1": {"node_isReady": True, "node_getBlockNumber": "1234"},
-        "http://notready:1": {"node_isReady": False},
-        "http://down:1": UpstreamError("connect", "refused"),
-        "http://garbage:1": {"node_isReady": True, "node_getBlockNumber": {"no": "number"}},
-    })
-    service = health_service(pool, upstream, clock)
+    nodes = {name: simulated(scenario, clock) for name, scenario in (
+        ("good", "pruned"), ("notready", "not-ready"), ("down", "failing-500"), ("garbage", "failing-garbage"),
+        ("reset", "failing-reset"))}
+    setup = Setup(clock, nodes)
+    service = setup.health()
     service.startService()
-    good, notready, down, garbage = pool.backends
-    assert good.healthy and good.block_number == 1234
+    good, notready, down, garbage, reset = setup.pool.backends
+    assert good.healthy and good.block_number == 1000 and good.chain == ("31337", "1")
     assert not notready.healthy and "node_isReady answered False" in notready.last_error
-    assert not down.healthy and "refused" in down.last_error
-    assert not garbage.healthy and "not a number" in garbage.last_error
-    upstream.answers["http://down:1"] = {"node_isReady": True, "node_getBlockNumber": 99}
+    assert not down.healthy and down.last_error == "HTTP 500"
+    assert not garbage.healthy and garbage.last_error == "batch: answer is not JSON"
+    assert not reset.healthy and "connection failed" in reset.last_error
+    nodes["down"].scenario = "pruned"
     clock.advance(30.0)
-    assert down.healthy and down.block_number == 99
-    assert len([c for c in upstream.calls if c == ("http://good:1", "node_isReady")]) == 2
+    assert down.healthy and down.block_number == 1000
+    # One batch per node and round, every call of HEALTH_CALLS in it.
+    assert nodes["good"].requests == 2
+    assert dict(nodes["good"].calls) == {method: 2 for method, _ in HEALTH_CALLS}
     service.stopService()
 
 
-def test_a_crashing_check_does_not_stop_the_loop():
+def test_health_round_reads_chain_depth_and_quarantines():
     clock = task.Clock()
-    pool = BackendPool(["http://a:1"])
-    upstream = ScriptedUpstream({"http://a:1": ZeroDivisionError("bug")})
-    service = health_service(pool, upstream, clock)
+    nodes = {name: simulated(name, clock) for name in ("archiver", "pruned", "lagging", "other-rollup")}
+    setup = Setup(clock, nodes, max_block_lag=10)
+    service = setup.health()
     service.startService()
-    upstream.answers["http://a:1"] = {"node_isReady": True, "node_getBlockNumber": 1}
-    clock.advance(30.0)
-    assert pool.backends[0].healthy
-    assert service.running and service._loop.running
+    archiver, pruned, lagging, other = setup.pool.backends
+    assert (archiver.oldest_block, pruned.oldest_block) == (1, 936)
+    assert (archiver.node_type, pruned.node_type) == ("archiver", "pruned")
+    assert lagging.lag == 50 and "50 blocks behind" in lagging.quarantine["lag"]
+    assert "rollupVersion 2" in other.quarantine["chain"] and "lag" not in other.quarantine
+    assert [b.routing for b in setup.pool.backends] == ["fallback", "fallback", "quarantined", "quarantined"]
+    service.stopService()
+
+
+def test_answers_are_matched_by_id_not_position():
+    clock = task.Clock()
+    setup = Setup(clock, {"a": Reordering(simulated("pruned", clock))})
+    service = setup.health()
+    service.startService()
+    a = setup.backends["a"]
+    assert a.healthy and a.block_number == 1000 and a.oldest_block == 936 and a.chain == ("31337", "1")
+    service.stopService()
+
+
+def test_error_answers_fail_only_the_calls_that_decide_health():
+    headers = {b"content-type": b"application/json", b"x-aztec-l1ChainId": b"1", b"x-aztec-rollupVersion": b"7"}
+    clock = task.Clock()
+    setup = Setup(clock, {
+        # Optional calls unknown to an old node: healthy, chain identity from the headers.
+        "old": scripted(answers({"node_isReady": True, "node_getBlockNumber": "12"}), headers=headers),
+        "notready": scripted(answers({"node_isReady": Exception("not synced"), "node_getBlockNumber": 1})),
+        "noblock": scripted(answers({"node_isReady": True})),
+    })
+    service = setup.health()
+    service.startService()
+    old, notready, noblock = setup.pool.backends
+    assert old.healthy and old.block_number == 12 and old.chain == ("1", "7") and old.oldest_block is None
+    assert not notready.healthy and "node_isReady: error" in notready.last_error and "not synced" in notready.last_error
+    assert not noblock.healthy and "node_getBlockNumber: error" in noblock.last_error
+    service.stopService()
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"<html>502 Bad Gateway</html>", "batch: answer is not JSON"),
+    ({"jsonrpc": "2.0", "id": 0, "result": True}, "batch: answer is not a JSON array"),
+    ([], "node_isReady: no JSON-RPC answer"),
+    ([1, "x", None, {"id": [0]}, {"id": True, "result": True}], "node_isReady: no JSON-RPC answer"),
+    ([{"jsonrpc": "2.0", "id": 0}], "node_isReady: no result"),
+    ([{"jsonrpc": "2.0", "id": 0, "result": True}, {"jsonrpc": "2.0", "id": 1, "result": {"no": 1}}],
+     "node_getBlockNumber: not a number"),
+])
+def test_garbage_answers_make_the_node_unhealthy(answer, reason):
+    clock = task.Clock()
+    setup = Setup(clock, {"a": scripted(lambda calls: answer)})
+    service = setup.health()
+    service.startService()
+    a = setup.backends["a"]
+    assert not a.healthy and a.last_check is not None and reason in a.last_error
+    service.stopService()
+
+
+def test_a_corrupt_gzip_answer_fails_at_once():
+    clock = task.Clock()
+    headers = {b"content-type": b"application/json", b"content-encoding": b"gzip"}
+    setup = Setup(clock, {"a": scripted(lambda calls: b"not gzip" * 100, headers=headers)})
+    service = setup.health()
+    service.startService()
+    assert not setup.backends["a"].healthy and "connection failed" in setup.backends["a"].last_error
+    service.stopService()
+
+
+def test_http_errors_fail_the_check_whatever_the_body():
+    clock = task.Clock()
+    setup = Setup(clock, {"a": scripted(answers({"node_isReady": True, "node_getBlockNumber": 1}), code=503)})
+    service = setup.health()
+    service.startService()
+    assert not setup.backends["a"].healthy and setup.backends["a"].last_error == "HTTP 503"
+    service.stopService()
+
+
+def test_the_deadline_fails_the_check_and_closes_the_connection():
+    clock = task.Clock()
+    node = simulated("hang", clock)
+    setup = Setup(clock, {"a": node})
+    service = setup.health()
+    service.startService()
+    a = setup.backends["a"]
+    assert a.last_check is None and node.in_flight == 1
+    clock.advance(TIMEOUT - 0.1)
+    assert a.last_check is None
+    clock.advance(0.1)
+    assert not a.healthy and a.last_error == f"no answer within {TIMEOUT:g} s"
+    setup.agent.flush()
+    assert node.in_flight == 0, "the node still holds the abandoned request: the connection was left open"
+    service.stopService()
+
+
+def test_the_deadline_covers_the_body_too():
+    stalling = Stalling()
+    clock = task.Clock()
+    setup = Setup(clock, {"a": stalling})
+    service = setup.health()
+    service.startService()
+    setup.clock.advance(TIMEOUT)
+    assert setup.backends["a"].last_error == f"no answer within {TIMEOUT:g} s"
+    setup.agent.flush()
+    assert len(stalling.lost) == 1, "the connection to a node stalling mid-body was left open"
     service.stopService()
 
 
 def test_stop_cancels_a_check_stuck_on_a_hanging_node():
     clock = task.Clock()
-    pool = BackendPool(["http://hang:1"])
-    stuck = defer.Deferred()
-    service = health_service(pool, ScriptedUpstream({"http://hang:1": {"node_isReady": stuck}}), clock)
+    node = simulated("hang", clock)
+    setup = Setup(clock, {"a": node})
+    service = setup.health()
     service.startService()
     stopped = service.stopService()
     assert stopped.called, "shutdown waited for a hanging check"
+    setup.agent.flush()
+    assert node.in_flight == 0
+    assert setup.backends["a"].last_check is None, "a check stopped at shutdown is not the node's failure"
 
 
-def test_integrity_check_records_the_verdict_and_survives_garbage():
+@implementer(ICheckClient)
+class CrashingOnce:
+    """A check client whose first call hits a bug (not a node failure)."""
+
+    def __init__(self, client: CheckClient):
+        self.client = client
+        self.crashed = False
+
+    async def batch(self, backend: Any, calls: Any, timeout: float) -> Any:
+        if not self.crashed:
+            self.crashed = True
+            raise ZeroDivisionError("bug")
+        return await self.client.batch(backend, calls, timeout)
+
+    async def fetch(self, backend: Any, body: bytes, timeout: float) -> Any:
+        return await self.client.fetch(backend, body, timeout)
+
+
+def test_a_crashing_check_does_not_stop_the_loop():
     clock = task.Clock()
-    pool = BackendPool(["http://a:1", "http://b:1"])
-    upstream = ScriptedUpstream({
-        "http://a:1": {"node_getValidatorsStats": {"stats": {}, "slotWindow": 0}},
-        "http://b:1": {"node_getValidatorsStats": "garbage"},
-    })
-    service = IntegrityService(pool, upstream, 60.0, 5.0, clock, IntegrityParams())
+    setup = Setup(clock, {"a": simulated("pruned", clock)})
+    client = CrashingOnce(setup.client)
+    verifyObject(ICheckClient, client)
+    service = setup.health(client)
     service.startService()
-    a, b = pool.backends
-    assert a.verdict.status == "unverified" and a.node_type == ""
-    assert b.verdict is None
-    clock.advance(60.0)
-    assert len([c for c in upstream.calls if c[0] == "http://b:1"]) == 2
+    assert client.crashed and setup.backends["a"].last_check is None
+    setup.clock.advance(30.0)
+    assert setup.backends["a"].healthy
+    assert service.running and service._loop.running
     service.stopService()
+
+
+def test_credentials_in_the_url_go_as_basic_auth_to_the_node_s_own_path():
+    clock = task.Clock()
+    recording = Recording(scripted(answers({"node_isReady": True, "node_getBlockNumber": 7})))
+    setup = Setup(clock, {"a": recording})
+    setup.pool.replace(["http://user:s%40cret@a:1/rpc"])
+    service = setup.health()
+    service.startService()
+    assert setup.pool.backends[0].healthy
+    seen = recording.seen[0]
+    assert seen["path"] == b"/rpc"
+    assert seen["request"].getRawHeaders(b"authorization") == [b"Basic " + base64.b64encode(b"user:s@cret")]
+    assert seen["request"].getRawHeaders(b"host") == [b"a:1"]
+    assert seen["request"].getRawHeaders(b"content-type") == [b"application/json"]
+    service.stopService()
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def test_integrity_check_judges_real_stats_sent_gzipped():
+    clock = task.Clock()
+    recordings = {name: Recording(simulated(name, clock)) for name in ("archiver", "pruned", "missing-epochs")}
+    setup = Setup(clock, recordings)
+    service = setup.integrity()
+    service.startService()
+    archiver, pruned, missing = setup.pool.backends
+    assert (archiver.verdict.status, archiver.node_type) == ("perfect", "archiver")
+    assert (pruned.verdict.status, pruned.node_type) == ("perfect", "pruned")
+    assert missing.verdict.status == "bad" and missing.verdict.missing_epochs
+    seen = recordings["pruned"].seen[0]
+    assert b"gzip" in b",".join(seen["request"].getRawHeaders(b"accept-encoding"))
+    assert seen["response"].getRawHeaders(b"content-encoding") == [b"gzip"]
+    service.stopService()
+
+
+def test_integrity_parses_in_the_runner_not_on_the_reactor():
+    handed: list[Any] = []
+
+    def runner(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        handed.append(args)
+        return defer.maybeDeferred(function, *args)
+
+    clock = task.Clock()
+    setup = Setup(clock, {"a": simulated("pruned", clock)})
+    service = setup.integrity(runner)
+    service.startService()
+    assert isinstance(handed[0][0], bytes) and handed[0][1] is PARAMS
+    assert setup.backends["a"].verdict.status == "perfect"
+    service.stopService()
+
+
+def test_integrity_check_survives_garbage_and_retries():
+    clock = task.Clock()
+    garbage = simulated("failing-garbage", clock)
+    setup = Setup(clock, {"empty": scripted(lambda call: {"jsonrpc": "2.0", "id": 1, "result": {"stats": {}, "slotWindow": 0}}),
+                   "garbage": garbage,
+                   "weird": scripted(lambda call: {"jsonrpc": "2.0", "id": 1, "result": "garbage"})})
+    service = setup.integrity()
+    service.startService()
+    empty, broken, weird = setup.pool.backends
+    assert empty.verdict.status == "unverified" and empty.node_type == ""
+    assert broken.verdict is None and weird.verdict is None
+    garbage.scenario = "pruned"
+    clock.advance(60.0)
+    assert broken.verdict.status == "perfect"
+    service.stopService()
+
+
+def test_the_size_bound_counts_decoded_bytes():
+    clock = task.Clock()
+    setup = Setup(clock, {"a": simulated("pruned", clock)}, limit=4096)
+    service = setup.integrity()
+    service.startService()
+    assert setup.backends["a"].verdict is None
+    service.stopService()
+
+
+# ------------------------------------------------------------------------------ the client itself
+
+
+def test_the_check_client_provides_its_interface():
+    verifyObject(ICheckClient, CheckClient.over(RequestTraversalAgent(Resource()), task.Clock()))
+
+
+def error_of(deferred: defer.Deferred[Any]) -> BaseException:
+    failures: list[Any] = []
+    deferred.addErrback(failures.append)
+    assert failures, "the call has not failed (yet)"
+    return failures[0].value
+
+
+def test_fetch_raises_node_errors():
+    clock = task.Clock()
+    setup = Setup(clock, {"small": simulated("pruned", clock), "hang": simulated("hang", clock)}, limit=100)
+    small, hang = setup.pool.backends
+    body = b'{"jsonrpc":"2.0","id":1,"method":"node_getValidatorsStats","params":[]}'
+    too_large = error_of(defer.ensureDeferred(setup.client.fetch(small, body, TIMEOUT)))
+    assert isinstance(too_large, UpstreamError) and too_large.kind == "too_large"
+    late = defer.ensureDeferred(setup.client.fetch(hang, body, TIMEOUT))
+    clock.advance(TIMEOUT)
+    timeout = error_of(late)
+    assert isinstance(timeout, UpstreamError) and timeout.kind == "timeout"
+
+
+# ------------------------------------------------------------------------------ parsing helpers
 
 
 @pytest.mark.parametrize("value, expected", [(0, 0), (17, 17), ("42", 42)])
@@ -125,32 +438,6 @@ def test_block_number_accepts_numbers_and_numeric_strings(value, expected):
 def test_block_number_refuses_the_rest(value):
     with pytest.raises(RpcCallError):
         block_number_of(value)
-
-
-def test_health_round_reads_chain_and_depth_and_quarantines():
-    clock = task.Clock()
-    urls = ["http://a:1", "http://b:1", "http://c:1", "http://d:1"]
-    pool = BackendPool(urls, max_block_lag=10)
-    info = {"l1ChainId": 31337, "rollupVersion": 1}
-    upstream = ScriptedUpstream({
-        "http://a:1": {"node_isReady": True, "node_getBlockNumber": 100, "node_getNodeInfo": info,
-                       "node_getWorldStateSyncStatus": {"oldestHistoricBlockNumber": 1}},
-        "http://b:1": {"node_isReady": True, "node_getBlockNumber": 95, "node_getNodeInfo": info,
-                       "node_getWorldStateSyncStatus": {"oldestHistoricBlockNumber": 40}},
-        "http://c:1": {"node_isReady": True, "node_getBlockNumber": 80, "node_getNodeInfo": info},
-        "http://d:1": {"node_isReady": True, "node_getBlockNumber": 500,
-                       "node_getNodeInfo": {"l1ChainId": 31337, "rollupVersion": 2}},
-    })
-    service = health_service(pool, upstream, clock)
-    service.startService()
-    a, b, c, d = pool.backends
-    assert (a.oldest_block, b.oldest_block, c.oldest_block) == (1, 40, None)
-    assert (a.node_type, b.node_type, c.node_type) == ("archiver", "pruned", "")
-    assert "rollupVersion 2" in d.quarantine["chain"] and "lag" not in d.quarantine
-    assert a.lag == 0 and b.lag == 5 and not b.quarantine
-    assert c.lag == 20 and "20 blocks behind" in c.quarantine["lag"]
-    assert [x.routing for x in pool.backends] == ["fallback", "fallback", "quarantined", "quarantined"]
-    service.stopService()
 
 
 def test_chain_identity_sources():

@@ -1,5 +1,6 @@
 """Settings: prototype names and defaults, precedence, and refusals that name the bad value."""
 import pytest
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from sentinel_proxy.config import SPECS, ConfigError, load_settings, read_dotenv
 
@@ -81,18 +82,70 @@ def test_demo_needs_no_backends_and_uses_a_devnet_chain():
     assert load_settings(cli={"slots_per_epoch": "32"}, environ={}, dotenv_path=None, demo=True).slots_per_epoch == 32
 
 
-def test_dotenv_syntax(tmp_path):
+@pytest.mark.parametrize("line, key, value", [
+    ('LOG_LEVEL="debug" # x', "LOG_LEVEL", "debug"),
+    ('B="x\\"y"', "B", 'x"y'),
+    ("C='single # not a comment'", "C", "single # not a comment"),
+    ("export D=plain # trailing", "D", "plain"),
+    ("E=a#b", "E", "a#b"),
+    ("F=", "F", ""),
+    ('G="two\\nlines"', "G", "two\nlines"),
+    ("H=pa$$word${HOME}", "H", "pa$$word${HOME}"),
+    ("I = spaced ", "I", "spaced"),
+])
+def test_dotenv_quotes_escapes_and_comments(tmp_path, line, key, value):
     path = tmp_path / ".env"
-    path.write_text('# comment\n\nexport A=1\nB="two words"\nC=\'x\'\nD=plain # trailing\n')
-    assert read_dotenv(str(path)) == {"A": "1", "B": "two words", "C": "x", "D": "plain"}
+    path.write_text(f"# comment\n\n{line}\n")
+    assert read_dotenv(str(path)) == {key: value}
+
+
+def test_dotenv_values_reach_the_settings(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text('LOG_LEVEL="debug" # quieter later\nADMIN_TOKEN=\'a$token-with-#-in-it\'\n')
+    settings = load(dotenv=str(path))
+    assert (settings.log_level, settings.admin_token) == ("debug", "a$token-with-#-in-it")
     assert read_dotenv(str(tmp_path / "absent")) == {}
 
 
-def test_dotenv_garbage_line_is_refused(tmp_path):
+@pytest.mark.parametrize("text, line", [
+    ("A=1\n\n# comment\nthis is not a setting\nB=2\n", 4),
+    ("A=1\nKEY_WITHOUT_VALUE\n", 2),
+    ('A="never closed\nB=2\n', 1),
+    ("A=1\r\n\r\nnot a statement\r\n", 3),
+])
+def test_dotenv_line_that_does_not_parse_is_refused_in_one_line(tmp_path, text, line):
     path = tmp_path / ".env"
-    path.write_text("A=1\nthis is not a setting\n")
-    with pytest.raises(ConfigError, match="line 2"):
+    path.write_bytes(text.encode())
+    with pytest.raises(ConfigError) as caught:
         read_dotenv(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} line {line}: expected KEY=VALUE") and "\n" not in message
+
+
+def test_dotenv_that_is_not_text_is_refused(tmp_path):
+    path = tmp_path / ".env"
+    path.write_bytes(b"A=\xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_dotenv(str(path))
+
+
+def test_dotenv_near_misses_are_logged_with_the_likely_setting(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text("SENTINEL_BACKENDS=http://a:1\nEXPECTED_VALIDATOR=48\n\nSENTINEL_BACKEND=http://b:1\n"
+                    "backends=http://c:1\nlog_level=debug\nCOMPOSE_PROJECT_NAME=gw\nREDIS_PASSWORD=x\n")
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        values = read_dotenv(str(path))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert values["EXPECTED_VALIDATOR"] == "48", "only a warning: the file may serve other programs too"
+    warnings = {(e["key"], e["line"], e["setting"]) for e in events
+                if e.get("log_level") == LogLevel.warn and "setting" in e}
+    assert warnings == {("EXPECTED_VALIDATOR", 2, "EXPECTED_VALIDATORS"), ("SENTINEL_BACKEND", 4, "SENTINEL_BACKENDS"),
+                        ("backends", 5, "SENTINEL_BACKENDS"), ("log_level", 6, "LOG_LEVEL")}
+    lines = [formatEvent(e) for e in events if e.get("key") == "EXPECTED_VALIDATOR"]
+    assert lines == [f"{path} line 2: EXPECTED_VALIDATOR is not a setting; did you mean EXPECTED_VALIDATORS?"]
 
 
 def test_every_setting_is_documented():

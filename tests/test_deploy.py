@@ -8,7 +8,7 @@
   installed, validates the Prometheus config and runs deploy/prometheus/alerts_test.yml);
 - the alert rules of deploy/prometheus/alerts.yml are the ones of docs/metrics.md, and each has its
   section in docs/runbook.md; .env.example and the runbook's reload table follow
-  ``sentinel_proxy.config.SPECS`` and ``sentinel_proxy.tap.RELOADABLE``.
+  ``sentinel_proxy.config.SPECS`` and ``sentinel_proxy.config.RELOADABLE``.
 """
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def env_example_entries() -> dict[str, tuple[str, bool, str]]:
 
 
 def test_env_example_covers_every_setting_with_its_default():
-    from sentinel_proxy.tap import RELOADABLE
+    from sentinel_proxy.config import RELOADABLE
 
     entries = env_example_entries()
     assert set(entries) == {spec.env for spec in SPECS}, "every setting, and nothing else"
@@ -357,7 +357,7 @@ def test_env_example_covers_every_setting_with_its_default():
 
 
 def test_runbook_reload_table_matches_the_code():
-    from sentinel_proxy.tap import RELOADABLE
+    from sentinel_proxy.config import RELOADABLE
 
     text = RUNBOOK.read_text()
 
@@ -374,7 +374,7 @@ def test_runbook_reload_table_matches_the_code():
 def test_the_secrets_the_runbook_rotates_with_sighup_are_reloadable():
     """docs/runbook.md, section 3: ADMIN_TOKEN, API_KEYS and node credentials rotate by "update .env,
     send SIGHUP", without a restart."""
-    from sentinel_proxy.tap import RELOADABLE
+    from sentinel_proxy.config import RELOADABLE
 
     for field in ("admin_token", "api_keys", "backends"):
         if field in SPECS_BY_FIELD:

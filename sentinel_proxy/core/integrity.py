@@ -13,10 +13,22 @@ surpluses in that grid; a node with the sentinel disabled shows nothing at all a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from sentinel_proxy.core.integrity_input import (
+    ATTESTATION_PREFIX,
+    MISSED,
+    PRODUCED,
+    UNCONFIRMED,
+    IntegrityInputError,
+    collect,
+    History,
+    optional_slot,
+    show,
+    proposer_kind,
+)
 
 __all__ = [
     "IntegrityParams", "EpochFinding", "IntegrityVerdict", "IntegrityInputError", "analyse",
@@ -31,21 +43,9 @@ ARCHIVER, PRUNED = "archiver", "pruned"
 # Epoch verdicts, best first, with the lowest score that earns each (the prototype's scale).
 _EPOCH_VERDICTS: tuple[tuple[int, str], ...] = ((100, "VALID"), (90, "WARNING"), (50, "PARTIAL"), (0, "INVALID"))
 
-# Kinds of proposer entry, which decide how many attestation entries a slot should carry.
-PRODUCED = "produced"        # checkpoint/block made and confirmed: committee − 1 attestation entries
-UNCONFIRMED = "unconfirmed"  # proposal seen, not confirmed valid: only the attestations seen
-MISSED = "missed"            # nothing produced: the proposer's entry alone
-
-ATTESTATION_PREFIX = "attestation-"
 MISSING_EPOCH_PENALTY = 4
 #: Slot-level defects listed one by one in an epoch's rules before the rest are only counted.
 SLOT_DETAIL_LIMIT = 5
-
-_DECIMAL = re.compile(r"[0-9]+\Z")
-
-
-class IntegrityInputError(ValueError):
-    """The answer is not a validator-stats object; the caller marks the check failed."""
 
 
 @dataclass(frozen=True)
@@ -134,118 +134,6 @@ class IntegrityVerdict:
             "skippedEpochs": [{"epoch": e, "reason": r} for e, r in sorted(self.skipped_epochs.items())],
             "findings": list(self.findings),
         }
-
-
-# --------------------------------------------------------------------------- statuses
-
-
-def proposer_kind(status: str) -> str | None:
-    """PRODUCED, UNCONFIRMED or MISSED for a proposer entry; None for an ``attestation-*`` entry.
-
-    The status set is open (2.x ``block-*``, 4.x ``checkpoint-*``/``blocks-missed``, newer
-    ``checkpoint-valid|invalid|unvalidated``, and whatever comes next): anything that is not an
-    attestation is the proposer's entry. Only ``*-mined``, ``*-proposed`` and ``checkpoint-valid``
-    promise a full committee record: the newer sentinel writes ``attestation-missed`` only when
-    it has positive evidence the checkpoint was valid, so after ``checkpoint-invalid``,
-    ``checkpoint-unvalidated`` or an unknown status only the attestations it saw are present.
-    ``blocks-missed`` is a missed slot: no block proposal was seen at all (case 1 of the
-    sentinel's taxonomy), so the slot has the proposer's entry alone.
-    """
-    if status.startswith(ATTESTATION_PREFIX):
-        return None
-    if status.endswith("-missed"):
-        return MISSED
-    if status.endswith(("-mined", "-proposed")) or status == "checkpoint-valid":
-        return PRODUCED
-    return UNCONFIRMED
-
-
-# --------------------------------------------------------------------------- input
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _slot_number(value: Any) -> int | None:
-    """A slot as an int (4.x sends JSON numbers, 2.x/3.x decimal strings), or None for anything else."""
-    if type(value) is int:  # bool is not a slot
-        return value if value >= 0 else None
-    if isinstance(value, str) and _DECIMAL.match(value):
-        return int(value)
-    return None
-
-
-def _bad_slot(where: str, value: Any) -> IntegrityInputError:
-    return IntegrityInputError(f"{where}: expected a non-negative integer or decimal string, got {_show(value)}")
-
-
-def _optional_slot(stats: Mapping[str, Any], key: str) -> int | None:
-    value = stats.get(key)
-    if value is None:
-        return None
-    slot = _slot_number(value)
-    if slot is None:
-        raise _bad_slot(key, value)
-    return slot
-
-
-@dataclass
-class _History:
-    """Every entry of the answer, indexed the ways the rules read it (built in one pass)."""
-
-    proposers: dict[int, list[str]] = field(default_factory=dict)         # slot -> proposer statuses
-    attestations: dict[int, int] = field(default_factory=dict)            # slot -> attestation entries
-    doubled_slots: set[int] = field(default_factory=set)                  # a validator has several entries
-    epoch_counts: dict[int, dict[str, int]] = field(default_factory=dict)  # epoch -> status -> entries
-    epoch_validators: dict[int, set[Any]] = field(default_factory=dict)   # epoch -> addresses seen
-
-    @property
-    def slots(self) -> set[int]:
-        return self.proposers.keys() | self.attestations.keys()
-
-
-def _where(address: Any, index: int) -> str:
-    return f"stats[{_show(address)}].history[{index}]"
-
-
-def _collect(validators: Mapping[Any, Any], slots_per_epoch: int) -> _History:
-    """One pass over ~37k entries on a 4.x node: keep the inner loop to plain dict operations."""
-    history = _History()
-    proposers, attestations, doubled = history.proposers, history.attestations, history.doubled_slots
-    epoch_counts, epoch_validators = history.epoch_counts, history.epoch_validators
-    for address, record in validators.items():
-        if not isinstance(record, Mapping):
-            raise IntegrityInputError(f"stats[{_show(address)}] is not an object")
-        entries = record.get("history")
-        if not isinstance(entries, (list, tuple)):
-            raise IntegrityInputError(f"stats[{_show(address)}].history is not a list")
-        seen: set[int] = set()
-        for index, entry in enumerate(entries):
-            if type(entry) is not dict and not isinstance(entry, Mapping):  # the ABC check is slow
-                raise IntegrityInputError(f"{_where(address, index)} is not an object")
-            raw_slot, status = entry.get("slot"), entry.get("status")
-            slot = raw_slot if type(raw_slot) is int and raw_slot >= 0 else _slot_number(raw_slot)
-            if slot is None:
-                raise _bad_slot(f"{_where(address, index)}.slot", raw_slot)
-            if type(status) is not str:
-                raise IntegrityInputError(f"{_where(address, index)}.status: expected a string, got {_show(status)}")
-            if slot in seen:
-                doubled.add(slot)
-            seen.add(slot)
-            if status.startswith(ATTESTATION_PREFIX):
-                attestations[slot] = attestations.get(slot, 0) + 1
-            else:
-                proposers.setdefault(slot, []).append(status)
-            epoch = slot // slots_per_epoch
-            counts = epoch_counts.get(epoch)
-            if counts is None:
-                counts = epoch_counts[epoch] = {}
-                epoch_validators[epoch] = set()
-            counts[status] = counts.get(status, 0) + 1
-            epoch_validators[epoch].add(address)
-    return history
 
 
 # --------------------------------------------------------------------------- window
@@ -341,7 +229,7 @@ def _slot_defect(slot: int, statuses: Sequence[str], attestations: int, doubled:
     return len(statuses) - 1, deviation, description
 
 
-def _analyse_epoch(epoch: int, history: _History, params: IntegrityParams) -> EpochFinding:
+def _analyse_epoch(epoch: int, history: History, params: IntegrityParams) -> EpochFinding:
     """Score one complete epoch: the prototype's four rules, evaluated slot by slot.
 
     Slot by slot, the proposer rule counts slots without a proposer entry plus surplus proposer
@@ -434,7 +322,7 @@ def _unverified(reason: str, *, current_epoch: int = 0, total_epochs: int = 0, o
     )
 
 
-def _missing_epochs(first_kept: int, current_epoch: int, history: _History, window: _Window,
+def _missing_epochs(first_kept: int, current_epoch: int, history: History, window: _Window,
                     slots_per_epoch: int) -> list[int]:
     """Epochs without a single record from the first kept epoch up to the current one (excluded).
 
@@ -469,16 +357,16 @@ def analyse(stats: Mapping[str, Any], params: IntegrityParams) -> IntegrityVerdi
     Raises IntegrityInputError when the answer is not shaped like validator stats.
     """
     if not isinstance(stats, Mapping):
-        raise IntegrityInputError(f"validator stats: expected an object, got {_show(stats)}")
+        raise IntegrityInputError(f"validator stats: expected an object, got {show(stats)}")
     validators = stats.get("stats")
     if not isinstance(validators, Mapping):
-        raise IntegrityInputError(f"validator stats: 'stats' is not an object, got {_show(validators)}")
-    last_processed_raw = _optional_slot(stats, "lastProcessedSlot")
-    initial_slot = _optional_slot(stats, "initialSlot")
-    slot_window = _optional_slot(stats, "slotWindow") or 0
+        raise IntegrityInputError(f"validator stats: 'stats' is not an object, got {show(validators)}")
+    last_processed_raw = optional_slot(stats, "lastProcessedSlot")
+    initial_slot = optional_slot(stats, "initialSlot")
+    slot_window = optional_slot(stats, "slotWindow") or 0
     spe = params.slots_per_epoch
 
-    history = _collect(validators, spe)
+    history = collect(validators, spe)
     slots = history.slots
     if not slots:
         if not validators and slot_window == 0:

@@ -1,35 +1,23 @@
 """The operator's actions behind ADMIN_TOKEN: drain a node, check now, show the effective config.
 
-Kept out of web.py so the routes stay thin; every action reads or writes the same state the
-checks and the request path use.
+Kept out of the web layer so the routes stay thin; every action reads or writes the same state the
+checks and the request path use, and gets only the parts it acts on, so it can be built, and
+tested, without a running gateway.
 """
 from __future__ import annotations
 
-import hmac
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol, Sequence
 
 from twisted.internet import defer
 
-from sentinel_proxy.state.backends import display_url
+from sentinel_proxy.settings import SECRET_SETTINGS, Settings
+from sentinel_proxy.state.backends import BackendPool, display_url
 from sentinel_proxy.stores.cache_address import parse_redis_url
 
-if TYPE_CHECKING:
-    from sentinel_proxy.tap import GatewayService
 
-#: Settings whose values are secrets: shown as "***" (set) or "" (unset).
-SECRET_SETTINGS = frozenset({"admin_token", "api_keys"})
-
-
-def token_matches(given: bytes | None, token: str) -> bool:
-    """Constant-time comparison, so the token cannot be guessed byte by byte from timings."""
-    return given is not None and hmac.compare_digest(given, token.encode())
-
-
-def bearer(authorization: bytes | None) -> bytes | None:
-    if authorization is None or not authorization.lower().startswith(b"bearer "):
-        return None
-    return authorization[7:].strip()
+class Check(Protocol):
+    def run_once(self) -> defer.Deferred[Any]: ...
 
 
 def mask_redis(url: str) -> str:
@@ -40,28 +28,34 @@ def mask_redis(url: str) -> str:
 
 
 class Admin:
-    def __init__(self, service: GatewayService):
-        self._service = service
+    """``settings`` and ``in_flight`` are getters: a reload replaces the settings, and the count
+    changes with every request."""
+
+    def __init__(self, pool: BackendPool, checks: Sequence[Check], settings: Callable[[], Settings],
+                 in_flight: Callable[[], int]):
+        self._pool = pool
+        self._checks = checks
+        self._settings = settings
+        self._in_flight = in_flight
 
     def drain(self, name: str, drained: bool) -> dict[str, Any] | None:
-        backend = self._service.pool.find(name)
+        backend = self._pool.find(name)
         if backend is None:
             return None
-        self._service.pool.drain(backend, drained)
+        self._pool.drain(backend, drained)
         return {"backend": backend.name, "drained": backend.drained, "routing": backend.routing,
-                "inFlight": self._service.forwarder.in_flight}
+                "inFlight": self._in_flight()}
 
     async def check_now(self) -> dict[str, Any]:
-        """Run the health and integrity checks now (both, concurrently) and report the result."""
-        service = self._service
-        await defer.gatherResults([service.health.run_once(), service.integrity.run_once()])
+        """Run the health and integrity checks now (all at once) and report the result."""
+        await defer.gatherResults([check.run_once() for check in self._checks])
         return {"backends": [{"backend": b.name, "healthy": b.healthy, "blockNumber": b.block_number,
                               "integrityStatus": b.verdict.status if b.verdict else "", "routing": b.routing,
-                              "lastError": b.last_error} for b in service.pool.backends]}
+                              "lastError": b.last_error} for b in self._pool.backends]}
 
     def config(self) -> dict[str, Any]:
         """The effective settings, with every credential masked."""
-        return {name: masked(name, value) for name, value in asdict(self._service.settings).items()}
+        return {name: masked(name, value) for name, value in asdict(self._settings()).items()}
 
 
 def masked(name: str, value: Any) -> Any:

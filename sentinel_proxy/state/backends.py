@@ -1,7 +1,7 @@
 """Backend state and the pool: the single source of truth for every node's state.
 
 Background checks write here; the request path only reads (``pick``) and reports outcomes
-(``record_request``). Priorities are recomputed when state changes, not per request, so picking
+(``record_outcome``). Priorities are recomputed when state changes, not per request, so picking
 stays cheap.
 """
 from __future__ import annotations
@@ -383,7 +383,28 @@ class BackendPool:
         self._rebuild()
 
     @staticmethod
-    def record_request(backend: Backend, ok: bool) -> None:
-        backend.total_requests += 1
-        if not ok:
-            backend.total_errors += 1
+    def record_outcome(backend: Backend, now: float, *, attempt: str | None = None,
+                       latency_ms: float | None = None, reply_status: int | None = None) -> None:
+        """The one way the request path tells a node's state how the node did: its breaker, the
+        latencies behind the hedge delay, and the totals of /health.
+
+        ``attempt`` ends one call to the node: "answered" (its ``latency_ms`` feeds the p95 that
+        sets the hedge delay), "failed" (charged to the breaker), or "abandoned" (cancelled, or an
+        answer too large for the caller: no sign of a failing node, but a half-open probe slot is
+        free again). ``reply_status`` ends a caller's request whose reply came from (or failed at)
+        the node: /health counts it once per request, as an error when >= 500, whatever the attempts.
+        """
+        if attempt == "answered":
+            if latency_ms is not None:
+                backend.answer_latency.append(latency_ms)
+            backend.breaker.record(True, now)
+        elif attempt == "failed":
+            backend.breaker.record(False, now)
+        elif attempt == "abandoned":
+            backend.breaker.abandon()
+        elif attempt is not None:
+            raise ValueError(f"unknown attempt outcome {attempt!r}")
+        if reply_status is not None:
+            backend.total_requests += 1
+            if reply_status >= 500:
+                backend.total_errors += 1

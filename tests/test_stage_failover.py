@@ -1,0 +1,280 @@
+"""The failover stage: picking, attempts, judging, hedging and breaker outcomes, against in-memory
+nodes on a ``task.Clock`` (no sockets, no sleeps)."""
+import gzip
+import json
+
+from twisted.internet import defer, task
+from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
+
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core.scoring import BreakerPolicy
+from sentinel_proxy.interfaces import IForwardingClient
+from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.proxy.failover import Failover, answer_reply, judge
+from sentinel_proxy.proxy.guard import check, plan
+from sentinel_proxy.proxy.values import Attempt, Caller, Inbound, Limits, Plan
+from sentinel_proxy.upstream.client import UpstreamError, UpstreamResponse
+
+from tests.stages_support import (JSON, MemoryClient, answer, body_of, hang, result, rig, rpc, sample, settled,
+                                  trusted_pool)
+
+#: One failure opens a breaker: whether an outcome was charged shows in the state.
+TRIGGER_HAPPY = BreakerPolicy(consecutive_failures=1, cooldown=5.0, close_after=1)
+
+
+class Nodes:
+    def __init__(self, count: int = 3, breaker: BreakerPolicy | None = None):
+        self.clock = task.Clock()
+        self.clock.advance(1000.0)
+        self.pool = trusted_pool(count, breaker)
+        self.client = MemoryClient(self.clock)
+        self.metrics = Metrics(self.pool)
+        self.failover = Failover(self.pool, self.client, self.metrics, self.clock)
+        self.names = [b.name for b in self.pool.backends]
+
+    def plan(self, value, **limits) -> Plan:
+        bounds = Limits(**limits)
+        inbound = Inbound("/", body_of(value), Headers(JSON), False, Caller("rid"))
+        parsed = check(inbound, bounds, None)
+        assert isinstance(parsed, jsonrpc.ParsedRequest)
+        return plan(inbound, parsed, bounds, self.clock.seconds() + bounds.timeout)
+
+    def forward(self, value, **limits):
+        return self.failover.forward(self.plan(value, **limits))
+
+    def asked(self) -> list[str]:
+        return [sent.node for sent in self.client.sent]
+
+    def attempts(self, node: str, kind: str) -> float:
+        return sample(self.metrics, "sentinel_proxy_upstream_attempts_total", backend=f"http://{node}", result=kind)
+
+
+def code_of(reply) -> int:
+    return json.loads(reply.body)["error"]["code"]
+
+
+def test_the_in_memory_client_provides_the_forwarding_interface():
+    assert verifyObject(IForwardingClient, MemoryClient(task.Clock()))
+
+
+def test_a_good_answer_passes_through_from_the_first_node():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer(result(7), headers={b"x-aztec-version": [b"4"], b"date": [b"today"]}))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, reply.outcome, reply.attempts, reply.backend.name) == (200, "ok", 1, "n0:1")
+    assert json.loads(reply.body) == result(7)
+    headers = [(name.lower(), value) for name, value in reply.headers]
+    assert (b"x-aztec-version", b"4") in headers and all(name != b"date" for name, _ in headers)
+    assert nodes.client.sent[0].headers.getRawHeaders(b"x-request-id") == [b"rid"]
+
+
+def test_connect_failure_fails_over_to_the_next_node():
+    nodes = Nodes()
+    nodes.client.script("n0:1", UpstreamError("connect", "cannot connect: ConnectionRefusedError"))
+    nodes.client.script("n1:1", answer(result(7)))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, reply.attempts, reply.backend.name) == (200, 2, "n1:1")
+    assert nodes.asked() == ["n0:1", "n1:1"]
+    assert sample(nodes.metrics, "sentinel_proxy_failovers_total", route="/") == 1.0
+    assert nodes.attempts("n0:1", "connect") == 1.0 and nodes.attempts("n1:1", "ok") == 1.0
+
+
+def test_a_timeout_fails_over_once_the_attempt_timeout_passes():
+    nodes = Nodes()
+    nodes.client.script("n0:1", hang())
+    nodes.client.script("n1:1", answer(result(7)))
+    reply_now = []
+    defer.Deferred.fromCoroutine(nodes.forward(rpc("node_getBlockNumber"), attempt_timeout=2.0)).addCallback(
+        reply_now.append)
+    nodes.clock.advance(1.9)
+    assert nodes.asked() == ["n0:1"] and not reply_now
+    nodes.clock.advance(0.1)
+    assert nodes.asked() == ["n0:1", "n1:1"] and reply_now[0].backend.name == "n1:1"
+    assert nodes.client.sent[0].timeout == 2.0 and nodes.attempts("n0:1", "timeout") == 1.0
+
+
+def test_a_5xx_and_garbage_are_node_failures():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer(b"<html>Bad Gateway</html>", code=502))
+    nodes.client.script("n1:1", answer(b"<html>oops</html>", code=200))
+    nodes.client.script("n2:1", answer(result(7)))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, reply.attempts, reply.backend.name) == (200, 3, "n2:1")
+    assert nodes.attempts("n0:1", "bad_answer") == 1.0 and nodes.attempts("n1:1", "bad_answer") == 1.0
+
+
+def test_a_json_rpc_error_is_an_answer_not_a_failure():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer({"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": "no"}}, code=400))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, reply.outcome, nodes.asked()) == (400, "rpc_error", ["n0:1"])
+
+
+def test_when_every_node_fails_the_last_failure_is_reported():
+    nodes = Nodes()
+    for name in nodes.names:
+        nodes.client.script(name, UpstreamError("transport", "connection failed: ResponseFailed"))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, code_of(reply), reply.outcome) == (502, jsonrpc.UPSTREAM_FAILED, "upstream_error")
+    assert (reply.attempts, reply.backend.name) == (3, "n2:1")
+
+
+def test_attempts_stop_at_max_attempts_and_timeouts_say_so():
+    nodes = Nodes()
+    for name in nodes.names:
+        nodes.client.script(name, UpstreamError("timeout", "no answer within 1 s"))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber"), max_attempts=2))
+    assert (reply.status, code_of(reply), reply.outcome, reply.attempts) == (502, jsonrpc.UPSTREAM_TIMEOUT, "timeout", 2)
+    assert nodes.asked() == ["n0:1", "n1:1"]
+
+
+def test_the_overall_deadline_bounds_all_attempts():
+    nodes = Nodes()
+    nodes.client.script("n0:1", hang())
+    nodes.client.script("n1:1", hang())
+    pending = defer.Deferred.fromCoroutine(nodes.forward(rpc("node_getBlockNumber"), timeout=1.5, attempt_timeout=1.0))
+    nodes.clock.advance(1.0)
+    assert nodes.client.sent[1].timeout == 0.5, "the second attempt only gets what is left"
+    nodes.clock.advance(0.5)
+    reply = settled(pending)
+    assert (reply.outcome, reply.attempts) == ("timeout", 2) and nodes.asked() == ["n0:1", "n1:1"]
+
+
+def test_no_node_available_is_a_503():
+    nodes = Nodes(count=0)
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, code_of(reply), reply.backend) == (503, jsonrpc.NO_BACKEND, None)
+
+
+def test_unsafe_writes_are_not_repeated_after_the_node_may_have_received_them():
+    for failure in (UpstreamError("timeout", "t"), UpstreamError("transport", "t"), answer(b"", code=500)):
+        nodes = Nodes()
+        nodes.client.script("n0:1", failure)
+        nodes.client.script("n1:1", answer(result("0xtx")))
+        reply = settled(nodes.forward(rpc("node_sendTx", [{}])))
+        assert (reply.status, reply.attempts, nodes.asked()) == (502, 1, ["n0:1"]), failure
+
+
+def test_unsafe_writes_are_repeated_after_a_connect_failure():
+    nodes = Nodes()
+    nodes.client.script("n0:1", UpstreamError("connect", "cannot connect"))
+    nodes.client.script("n1:1", answer(result("0xtx")))
+    reply = settled(nodes.forward(rpc("node_sendTx", [{}])))
+    assert (reply.status, reply.backend.name, nodes.asked()) == (200, "n1:1", ["n0:1", "n1:1"])
+
+
+def test_a_slow_first_node_gets_a_hedge_and_the_first_good_answer_wins():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    nodes.client.script("n0:1", hang())
+    nodes.client.script("n1:1", answer(result(7)))
+    pending = defer.Deferred.fromCoroutine(nodes.forward(rpc("node_getBlockNumber"), hedge=True, hedge_delay=0.05))
+    nodes.clock.advance(0.049)
+    assert nodes.asked() == ["n0:1"]
+    nodes.clock.advance(0.001)
+    reply = settled(pending)
+    assert (reply.backend.name, reply.attempts) == ("n1:1", 2)
+    assert nodes.client.cancelled == ["n0:1"], "the loser's call is cancelled"
+    n0, n1 = nodes.pool.backends[:2]
+    assert n0.breaker.state == "closed", "a lost race is not the node's failure"
+    assert list(n1.answer_latency) == [0.0]
+    assert sample(nodes.metrics, "sentinel_proxy_hedges_total", route="/") == 1.0
+
+
+def test_no_hedge_when_the_first_node_answers_in_time():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer(result(7)))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber"), hedge=True, hedge_delay=0.05))
+    nodes.clock.advance(1.0)
+    assert reply.backend.name == "n0:1" and nodes.asked() == ["n0:1"]
+    assert sample(nodes.metrics, "sentinel_proxy_hedges_total", route="/") == 0.0
+
+
+def test_the_hedge_waits_for_the_fastest_nodes_p95():
+    nodes = Nodes()
+    for backend in nodes.pool.backends:
+        backend.answer_latency.extend([200.0] * 20)
+    nodes.client.script("n0:1", hang())
+    nodes.client.script("n1:1", answer(result(7)))
+    pending = defer.Deferred.fromCoroutine(nodes.forward(rpc("node_getBlockNumber"), hedge=True))
+    nodes.clock.advance(0.1)
+    assert nodes.asked() == ["n0:1"], "not before the p95 (200 ms)"
+    nodes.clock.advance(0.1)
+    assert settled(pending).backend.name == "n1:1"
+
+
+def test_unsafe_writes_are_never_hedged():
+    nodes = Nodes()
+    nodes.client.script("n0:1", hang())
+    pending = defer.Deferred.fromCoroutine(
+        nodes.forward(rpc("node_sendTx", [{}]), hedge=True, hedge_delay=0.05, attempt_timeout=1.0))
+    nodes.clock.advance(1.0)
+    assert nodes.asked() == ["n0:1"] and settled(pending).outcome == "timeout"
+
+
+def test_failures_are_charged_to_the_breaker_and_answers_feed_the_hedge_delay():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    nodes.client.script("n0:1", answer(b"", code=503))
+    nodes.client.script("n1:1", answer(result(7)))
+    settled(nodes.forward(rpc("node_getBlockNumber")))
+    n0, n1 = nodes.pool.backends[:2]
+    assert n0.breaker.state == "open" and n1.breaker.state == "closed"
+    assert list(n0.answer_latency) == [] and len(n1.answer_latency) == 1
+
+
+def test_too_large_abandons_instead_of_charging_the_breaker():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    n0 = nodes.pool.backends[0]
+    n0.breaker.record(False, nodes.clock.seconds())
+    nodes.clock.advance(5.0)
+    assert n0.breaker.available(nodes.clock.seconds()) and n0.breaker.state == "half-open"
+    nodes.client.script("n0:1", UpstreamError("too_large", "answer exceeds 10 bytes"))
+    reply = settled(nodes.forward(rpc("node_getBlock", [60]), max_attempts=1))
+    assert (reply.status, reply.attempts) == (502, 1), "too large is not retried elsewhere"
+    assert n0.breaker.state == "half-open" and n0.breaker.available(nodes.clock.seconds()), \
+        "no verdict, and the probe slot is free again"
+    nodes.client.script("n0:1", UpstreamError("transport", "reset"))
+    settled(nodes.forward(rpc("node_getBlock", [60]), max_attempts=1))
+    assert n0.breaker.state == "open", "whereas a failure in half-open opens it again"
+
+
+def test_judge_tells_answers_from_garbage():
+    nodes = Nodes()
+    backend = nodes.pool.backends[0]
+    single = nodes.plan(rpc("node_getBlockNumber"))
+
+    def kind(body: bytes, code: int = 200, headers: dict | None = None, sent: Plan = single) -> str:
+        return judge(sent, backend, UpstreamResponse(code, Headers(headers or {}), body)).kind
+
+    assert kind(b'{"jsonrpc":"2.0","id":1,"result":1}') == "ok"
+    assert kind(b'[{"jsonrpc":"2.0","id":1,"result":1}]') == "bad_answer", "a single call gets an object"
+    assert kind(b"  ") == "bad_answer" and kind(b'{"truncated') == "bad_answer"
+    assert kind(b'{"error":{}}', code=500) == "bad_answer"
+    assert kind(gzip.compress(b"{}"), headers={b"content-encoding": [b"gzip"]}) == "ok"
+    assert kind(b"{}", headers={b"content-encoding": [b"gzip"]}) == "bad_answer"
+    refused = nodes.plan([rpc("nodeAdmin_x", id_=1), rpc("node_getBlockNumber", id_=2)])
+    merged = judge(refused, backend, UpstreamResponse(200, Headers(), body_of([result(5, 2)])))
+    assert [item["id"] for item in json.loads(merged.body)] == [1, 2]
+    assert kind(body_of([result(5, 2), result(6, 3)]), sent=refused) == "bad_answer", "cannot be merged"
+
+
+def test_the_reply_names_a_fallback_node():
+    nodes = Nodes()
+    attempt = Attempt(nodes.pool.backends[0], "ok", answer=UpstreamResponse(
+        200, Headers({b"connection": [b"close"], b"x-aztec-a": [b"1", b"2"]}), b"{}"), body=b"{}")
+    reply = answer_reply(attempt, "integrity", 1)
+    assert [(name.lower(), value) for name, value in reply.headers] == \
+        [(b"x-aztec-a", b"1"), (b"x-aztec-a", b"2"), (b"x-sentinel-fallback", b"integrity")]
+
+
+def test_node_totals_count_each_request_once_on_the_node_that_answered():
+    gateway = rig()
+    n0, n1, n2 = gateway.pool.backends
+    gateway.client.script("n0:1", UpstreamError("connect", "refused"))
+    gateway.client.script("n1:1", answer(result(7)))
+    assert settled(gateway.handle(rpc("node_getBlockNumber"))).status == 200
+    assert [(b.total_requests, b.total_errors) for b in (n0, n1, n2)] == [(0, 0), (1, 0), (0, 0)]
+    for name in ("n0:1", "n1:1", "n2:1"):
+        gateway.client.script(name, UpstreamError("transport", "reset"))
+    assert settled(gateway.handle(rpc("node_getBlockNumber"))).status == 502
+    assert [(b.total_requests, b.total_errors) for b in (n0, n1, n2)] == [(0, 0), (1, 0), (1, 1)]
