@@ -131,8 +131,8 @@ def build_service(settings: Settings, reactor: Any = None, cli: Mapping[str, str
     _add_node_state(gateway, settings, reactor)
     ClosingService(upstream).setServiceParent(gateway)
     gateway.site = make_web(gateway, reactor)
-    gateway.connections = ClientConnections(gateway.site)
-    gateway.listener = ListeningService(settings.listen, gateway.connections, reactor,
+    gateway.connections = gateway.site.connections
+    gateway.listener = ListeningService(settings.listen, gateway.site, reactor,
                                         reuse_port=settings.workers > 1, on_listening=_announcer(settings))
     gateway.listener.setServiceParent(gateway)
     return gateway

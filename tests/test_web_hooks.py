@@ -2,7 +2,7 @@
 
 If a release changes one, these fail, rather than the gateway quietly losing its body bound
 (``BoundedRequest``, the one non-public hook: sentinel_proxy/web/twisted_private.py), its drain
-(``ClientConnections`` must see every connection, with the transport's interfaces, and closing one
+(``ClientChannel`` must report every connection, with Nagle off, and closing one
 must still send what was written to it), or its access-log switch-off (``GatewaySite.log``).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -62,8 +62,8 @@ class Served:
 async def served():
     probe = Probe()
     site = make_site(probe, MAX_BODY)
-    connections = ClientConnections(site)
-    running = Served(site, connections, probe, reactor.listenTCP(0, connections, interface="127.0.0.1"))
+    connections = site.connections
+    running = Served(site, connections, probe, reactor.listenTCP(0, site, interface="127.0.0.1"))
     site.log = running.logged.append  # the hook twisted.web calls once per finished request
     yield running
     await connections.close_all(reactor, 2.0)
@@ -117,10 +117,8 @@ async def test_every_connection_is_tracked_with_its_transport_interfaces(served)
     client = await raw_connection(served)
     await wait_for(lambda: len(served.connections.protocols) == 1, what="the connection to be tracked")
     (connection,) = served.connections.protocols
-    # HTTPChannel turns Nagle off and paces reading by adapting its transport (the wrapper) to these.
-    assert ITCPTransport.providedBy(connection) and IPushProducer.providedBy(connection)
-    assert connection.getTcpNoDelay()
-    assert connection.getPeer() == client.transport.getHost()
+    assert ITCPTransport.providedBy(connection.transport) and connection.transport.getTcpNoDelay()
+    assert connection.transport.getPeer() == client.transport.getHost()
     client.transport.loseConnection()
     await wait_for(lambda: not served.connections.protocols, what="the closed connection to be forgotten")
 
