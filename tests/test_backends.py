@@ -1,9 +1,11 @@
 """Backend state, route candidates, credentials handling and the /health helpers (no I/O)."""
 import base64
+import hashlib
+import pickle
 from dataclasses import dataclass
 
-from sentinel_proxy.state.backends import Backend, BackendPool, LatencyWindow, Pick, display_url
-from sentinel_proxy.state.status import NEVER, rfc3339
+from sentinel_proxy.state.backends import Backend, BackendPool, LatencyWindow, Pick, TipsReport, display_url
+from sentinel_proxy.state.status import NEVER, RequestTotals, backend_document, health_document, rfc3339
 
 
 def test_latency_window_keeps_the_last_hundred():
@@ -143,3 +145,98 @@ def test_pick_skips_tried_nodes_and_open_breakers_but_never_strands_the_route():
         b.breaker.record(False, now=10.0)
     assert pool.pick("/", now=11.0).fallback == "breaker"
     assert pool.pick("/", now=16.0).fallback is None, "after the cool-down, probes are regular picks"
+
+
+# -- cross-node agreement (core/agreement.py) in the pool
+
+
+def tips(finalized, chain="main", proven=None):
+    """A tips answer whose hashes depend on the chain: nodes on one chain agree on every hash."""
+    def ref(n):
+        return {"number": n, "hash": "0x" + hashlib.sha256(f"{chain}:{n}".encode()).hexdigest()}
+    proven = finalized + 10 if proven is None else proven
+    return {"proposed": ref(finalized + 20), "checkpointed": {"block": ref(finalized + 18), "checkpoint": ref(1)},
+            "proven": {"block": ref(proven), "checkpoint": ref(2)}, "finalized": {"block": ref(finalized),
+                                                                                  "checkpoint": ref(3)}}
+
+
+def round_of(pool, *rounds, now=1.0):
+    """One health round: (backend, block number, tips answer or None) for each node, then reassess."""
+    for backend, block, answer in rounds:
+        report = TipsReport("node_getL2Tips", answer is not None, None if answer is not None else "gone")
+        pool.record_health(backend, True, now=now, block_number=block, tips=answer, tips_report=report)
+    pool.reassess()
+
+
+def test_a_diverged_node_is_quarantined_and_has_no_say_in_the_finalized_tip():
+    pool = healthy_pool(3)
+    a, b, c = pool.backends
+    for backend in pool.backends:
+        pool.record_integrity(backend, Verdict())
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(980)), (c, 1000, tips(980, "fork")))
+    assert set(c.quarantine) == {"diverged"} and c.routing == "quarantined"
+    assert "proven tip block 990: hash 0x" in c.quarantine["diverged"] and "(2 of 3 nodes)" in c.quarantine["diverged"]
+    assert c.divergence.height == 990 and a.divergence is None
+    assert pool.candidates("/") == [a, b] and pool.finalized == 980
+    # c runs ahead on its own chain: it sets no bar for lag and does not move the finalized tip
+    # (counted, its 990 with b's 985 would make 985 a majority of three).
+    round_of(pool, (a, 1000, tips(980)), (b, 1005, tips(985)), (c, 1500, tips(990, "fork")))
+    assert set(c.quarantine) == {"diverged"} and a.lag == 5 and not a.quarantine
+    assert pool.finalized == 980
+    # Back on the majority's chain at a height at or above the evidence: trusted again.
+    round_of(pool, (a, 1030, tips(1010)), (b, 1030, tips(1010)), (c, 1030, tips(1010)))
+    assert not c.quarantine and c.divergence is None and pool.finalized == 1010
+
+
+def test_a_contested_height_makes_nothing_final():
+    pool = healthy_pool(2)
+    a, b = pool.backends
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(980, "fork")))
+    assert pool.finalized is None and pool.agreement.contested.height == 980
+    assert not a.quarantine and not b.quarantine, "one against one: nobody can tell which is right"
+    # Both move on to heights that compare nothing: the contest holds.
+    round_of(pool, (a, 1010, tips(990)), (b, 1011, tips(991)))
+    assert pool.finalized is None
+    round_of(pool, (a, 1020, tips(1000)), (b, 1020, tips(1000)))
+    assert pool.agreement.contested is None and pool.finalized == 1000
+
+
+def test_a_node_whose_tips_stopped_vouches_for_nothing():
+    pool = healthy_pool(3)
+    a, b, c = pool.backends
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(990)), (c, 1000, tips(990)))
+    assert pool.finalized == 990
+    # c's tips stop: its old answer must not keep voting.
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(990)), (c, 1000, None))
+    assert c.tips is None and c.tips_report.ok is False and pool.finalized == 980
+    # Without a tips report (an older caller), tips=None leaves the last answer in place.
+    pool.record_health(c, True, now=2.0, block_number=1000, tips=tips(990))
+    pool.record_health(c, True, now=3.0, block_number=1000)
+    assert c.tips == tips(990)
+
+
+def test_agreement_state_reaches_the_other_workers():
+    pool = healthy_pool(3)
+    a, b, c = pool.backends
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(980)), (c, 1000, tips(980, "fork")))
+    follower = BackendPool([backend.url for backend in pool.backends])
+    follower.apply(pickle.loads(pickle.dumps(pool.snapshot())))
+    assert follower.finalized == 980 and follower.agreement == pool.agreement
+    assert follower.backends[2].divergence == c.divergence and follower.backends[2].tips_report == c.tips_report
+    assert follower.candidates("/") == [follower.backends[0], follower.backends[1]]
+
+
+def test_health_document_shows_tips_and_divergence():
+    pool = healthy_pool(3)
+    a, b, c = pool.backends
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(980)), (c, 1000, tips(980, "fork")))
+    document = health_document(pool, RequestTotals(), 1.0)
+    first, _, forked = document["backends"]
+    assert first["tips"] == {"method": "node_getL2Tips", "ok": True, "error": None,
+                             "finalized": tips(980)["finalized"]["block"], "proven": tips(980)["proven"]["block"]}
+    assert forked["divergence"]["height"] == 990 and forked["divergence"]["majority"] == tips(980)["proven"]["block"]["hash"]
+    assert forked["quarantine"]["diverged"] == forked["divergence"]["reason"]
+    assert document["agreement"]["finalized"] == 980 and document["agreement"]["contested"] is None
+    assert [m["height"] for m in document["agreement"]["compared"]] == [980, 990]
+    assert BackendPool(["http://x:1"]).backends[0].tips_report is None
+    assert backend_document(BackendPool(["http://x:1"]).backends[0])["tips"] is None

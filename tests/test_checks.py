@@ -3,12 +3,15 @@ nodes, and ``task.Clock`` for the loops and the deadlines. No sockets, no sleeps
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import json
 from typing import Any, Callable
 
 import pytest
 from treq.testing import RequestTraversalAgent, StringStubbingResource
 from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -17,13 +20,14 @@ from zope.interface.verify import verifyObject
 
 from sentinel_proxy.checks import CheckClient, HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
 from sentinel_proxy.checks.client import CHECK_MAX_RESPONSE, RpcCallError
-from sentinel_proxy.checks.health import HEALTH_CALLS
+from sentinel_proxy.checks.health import HEALTH_CALLS, TIPS_METHODS, archive_call, archive_of
 from sentinel_proxy.checks.integrity import Runner, run_inline
 from sentinel_proxy.core.integrity import IntegrityParams
 from sentinel_proxy.interfaces import ICheckClient
-from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.state.backends import BackendPool, TipsReport
+from sentinel_proxy.state.status import backend_document, health_document, RequestTotals
 from sentinel_proxy.upstream.client import UpstreamError
-from sentinel_simnode.node import ChainParams, SimulatedNode
+from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode
 
 #: A chain that does not move while a test runs, small enough to analyse in milliseconds.
 CHAIN = ChainParams(slots_per_epoch=8, committee_size=4, slot_seconds=600.0, block_seconds=600.0)
@@ -124,7 +128,8 @@ class Setup:
     def __init__(self, clock: task.Clock, nodes: dict[str, Resource], limit: int = CHECK_MAX_RESPONSE,
                  **pool_options: Any):
         self.clock = clock
-        self.agent = RequestTraversalAgent(ByHost({f"{name}:1": node for name, node in nodes.items()}))
+        self.router = ByHost({f"{name}:1": node for name, node in nodes.items()})
+        self.agent = RequestTraversalAgent(self.router)
         self.client = CheckClient.over(self.agent, self.clock, limit)
         self.pool = BackendPool([f"http://{name}:1" for name in nodes], **pool_options)
         self.backends = dict(zip(nodes, self.pool.backends))
@@ -136,8 +141,56 @@ class Setup:
         return IntegrityService(self.pool, self.client, 60.0, TIMEOUT, self.clock, PARAMS, runner=runner)
 
 
-def simulated(scenario: str, clock: task.Clock) -> SimulatedNode:
-    return SimulatedNode(scenario, CHAIN, clock=clock)
+def simulated(scenario: str, clock: task.Clock, dialect: str = "4") -> SimulatedNode:
+    return SimulatedNode(scenario, CHAIN, clock=clock, dialect=dialect)
+
+
+@pytest.fixture
+def logged():
+    """The log events emitted while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def messages(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    return [e for e in events if "log_format" in e and text in e["log_format"]]
+
+
+def other_hash(value: str) -> str:
+    return "0x" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def forked(node: SimulatedNode) -> SimulatedNode:
+    """Put ``node`` on another chain from its finalized blocks down: other hashes in its tips (proven
+    and finalized) and other archive roots, whatever the dialect. Same chain id and rollup version."""
+    def rewrite(handler: Callable[..., Any], change: Callable[[dict], None]) -> Callable[..., Any]:
+        def answer(params: list[Any], state: Any) -> bytes | None:
+            body = handler(params, state)
+            if body is None:
+                return None
+            document = json.loads(body)
+            change(document)
+            return json.dumps(document).encode()
+        return answer
+
+    def tips(document: dict) -> None:
+        for name in ("proven", "finalized"):
+            document[name]["block"]["hash"] = other_hash(document[name]["block"]["hash"])
+
+    def header(document: dict) -> None:
+        document["lastArchive"]["root"] = other_hash(document["lastArchive"]["root"])
+
+    def data(document: dict) -> None:
+        document["archive"]["root"] = other_hash(document["archive"]["root"])
+
+    for name, handler in list(node.handlers.items()):
+        change = {"getL2Tips": tips, "getChainTips": tips, "getBlockHeader": header,
+                  "getBlockData": data}.get(name.partition("_")[2])
+        if change is not None:
+            node.handlers[name] = rewrite(handler, change)
+    return node
 
 
 # ------------------------------------------------------------------------------ health
@@ -160,9 +213,11 @@ def test_health_check_runs_at_start_and_every_interval():
     nodes["down"].scenario = "pruned"
     clock.advance(30.0)
     assert down.healthy and down.block_number == 1000
-    # One batch per node and round, every call of HEALTH_CALLS in it.
+    # One batch per node and round, every call of HEALTH_CALLS in it; every tips method in the
+    # first (none known yet), only the one that answered in the next.
     assert nodes["good"].requests == 2
-    assert dict(nodes["good"].calls) == {method: 2 for method, _ in HEALTH_CALLS}
+    assert dict(nodes["good"].calls) == {**{method: 2 for method, _ in HEALTH_CALLS}, "node_getL2Tips": 2,
+                                         **{method: 1 for method in TIPS_METHODS[1:]}}
     service.stopService()
 
 
@@ -298,13 +353,17 @@ class CrashingOnce:
         self.client = client
         self.crashed = False
 
-    async def batch(self, backend: Any, calls: Any, timeout: float) -> Any:
+    def crash_once(self) -> None:
         if not self.crashed:
             self.crashed = True
             raise ZeroDivisionError("bug")
+
+    async def batch(self, backend: Any, calls: Any, timeout: float) -> Any:
+        self.crash_once()
         return await self.client.batch(backend, calls, timeout)
 
     async def fetch(self, backend: Any, body: bytes, timeout: float) -> Any:
+        self.crash_once()
         return await self.client.fetch(backend, body, timeout)
 
 
@@ -336,6 +395,195 @@ def test_credentials_in_the_url_go_as_basic_auth_to_the_node_s_own_path():
     assert seen["request"].getRawHeaders(b"host") == [b"a:1"]
     assert seen["request"].getRawHeaders(b"content-type") == [b"application/json"]
     service.stopService()
+
+
+# ------------------------------------------------------------------------------ tips across versions
+
+
+def test_the_tips_method_is_detected_per_node_and_remembered(logged):
+    clock = task.Clock()
+    nodes = {"v4": simulated("pruned", clock), "v5": simulated("pruned", clock, dialect="5"),
+             "legacy": simulated("legacy", clock)}
+    setup = Setup(clock, nodes)
+    service = setup.health()
+    service.startService()
+    v4, v5, legacy = setup.pool.backends
+    assert (v4.tips_method, v5.tips_method, legacy.tips_method) == ("node_getL2Tips", "node_getChainTips",
+                                                                    "node_getL2Tips")
+    assert all(b.tips_report == TipsReport(b.tips_method, True) for b in setup.pool.backends)
+    # A 5.x node alone is enough for a finalized tip: caching of immutable blocks goes on.
+    assert v5.tips["finalized"]["block"]["number"] == 980 and setup.pool.finalized == 980
+    clock.advance(30.0)
+    assert nodes["v5"].calls["node_getChainTips"] == 2 and nodes["v5"].calls["node_getL2Tips"] == 1
+    assert nodes["v5"].calls["aztec_getChainTips"] == 1, "asked once, while no method was known"
+    assert nodes["v5"].requests == 2, "one batch per round"
+    assert [e["method"] for e in messages(logged, "reports its tips with {method}")] == [
+        "node_getL2Tips", "node_getChainTips", "node_getL2Tips"], "once per node, not per round"
+    service.stopService()
+
+
+def test_the_5x_namespace_alone_is_enough():
+    clock = task.Clock()
+    node = simulated("pruned", clock, dialect="5")
+    for name in [n for n in node.handlers if n.endswith("Tips")]:
+        if name.startswith("node_"):
+            del node.handlers[name]  # a 5.x node without the legacy alias of the tips method
+    setup = Setup(clock, {"a": node})
+    service = setup.health()
+    service.startService()
+    assert setup.backends["a"].tips_method == "aztec_getChainTips" and setup.pool.finalized == 980
+    service.stopService()
+
+
+def test_a_remembered_method_answering_32601_is_detected_again_in_the_same_round(logged):
+    clock = task.Clock()
+    old = simulated("pruned", clock)
+    setup = Setup(clock, {"a": old})
+    service = setup.health()
+    service.startService()
+    a = setup.backends["a"]
+    assert a.tips_method == "node_getL2Tips" and setup.pool.finalized == 980
+    # The node behind the URL is upgraded to 5.x: node_getL2Tips is gone.
+    new = simulated("pruned", clock, dialect="5")
+    setup.router.nodes["a:1"] = new
+    clock.advance(30.0)
+    assert a.tips_method == "node_getChainTips" and a.tips_report.ok and setup.pool.finalized == 980
+    assert new.requests == 2 and new.calls["node_getL2Tips"] == 2, "the round's batch, then one to detect again"
+    assert len(messages(logged, "no longer answers {method} (-32601)")) == 1
+    assert len(messages(logged, "reports its tips with {method} now (was {previous})")) == 1
+    assert not messages(logged, "gives no finalized tip"), "the tips never stopped"
+    clock.advance(30.0)
+    assert new.requests == 3, "one batch per round again"
+    # Downgraded again: back to node_getL2Tips the same way.
+    setup.router.nodes["a:1"] = simulated("pruned", clock)
+    clock.advance(30.0)
+    assert a.tips_method == "node_getL2Tips" and a.tips_report.ok
+    service.stopService()
+
+
+def test_tips_that_stop_are_logged_once_and_shown_in_health(logged):
+    clock = task.Clock()
+    node = simulated("pruned", clock, dialect="5")
+    setup = Setup(clock, {"a": node})
+    service = setup.health()
+    service.startService()
+    a = setup.backends["a"]
+    assert a.tips_report.ok and setup.pool.finalized == 980
+    # The tips method starts failing (not -32601): the method is kept, the tips are gone.
+    node.handlers["node_getChainTips"] = lambda params, state: b'{"unexpected": true}'
+    clock.advance(30.0)
+    clock.advance(30.0)
+    assert a.healthy and a.tips is None and a.tips_method == "node_getChainTips"
+    assert setup.pool.finalized is None, "no node vouches for a finalized tip"
+    document = backend_document(a)
+    assert document["tips"]["method"] == "node_getChainTips" and document["tips"]["ok"] is False
+    assert "no readable finalized tip" in document["tips"]["error"] and document["tips"]["finalized"] is None
+    assert document["healthy"] is True and document["lastError"] is None, "the existing fields are unchanged"
+    stopped = messages(logged, "gives no finalized tip")
+    assert len(stopped) == 1 and stopped[0]["backend"] == "a:1" and stopped[0]["method"] == "node_getChainTips"
+    assert "no readable finalized tip" in stopped[0]["error"]
+    assert len(messages(logged, "no finalized tip: {reason}")) == 1, "the pool says caching stopped, once"
+    # Back: logged once, the finalized tip is known again.
+    node.scenario = "pruned"
+    clock.advance(30.0)
+    assert a.tips_report.ok and setup.pool.finalized is not None
+    assert len(messages(logged, "reports its tips with {method}")) == 2
+    assert len(messages(logged, "finalized tip known again")) == 1
+    service.stopService()
+
+
+def test_a_node_without_any_tips_method_stays_healthy_and_says_why(logged):
+    clock = task.Clock()
+    setup = Setup(clock, {"old": scripted(answers({"node_isReady": True, "node_getBlockNumber": 12}))})
+    service = setup.health()
+    service.startService()
+    clock.advance(30.0)
+    old = setup.backends["old"]
+    assert old.healthy and old.tips is None and old.tips_method is None
+    assert old.tips_report == TipsReport(None, False, "no tips method: node_getL2Tips, node_getChainTips, "
+                                                      "aztec_getChainTips, aztec_getL2Tips all answered -32601 "
+                                                      "(method not found)")
+    assert backend_document(old)["tips"]["method"] is None
+    assert len(messages(logged, "gives no finalized tip")) == 1
+    service.stopService()
+
+
+# ------------------------------------------------------------------------------ cross-node agreement
+
+
+def test_a_diverged_node_is_quarantined_by_the_health_round(logged):
+    clock = task.Clock()
+    nodes = {"a": simulated("pruned", clock), "b": simulated("pruned", clock, dialect="5"),
+             "c": forked(simulated("pruned", clock))}
+    setup = Setup(clock, nodes)
+    service = setup.health()
+    service.startService()
+    a, b, c = setup.pool.backends
+    assert set(c.quarantine) == {"diverged"} and c.routing == "quarantined"
+    assert c.divergence.height == 990 and c.divergence.source == "proven tip"
+    assert c.divergence.majority == a.tips["proven"]["block"]["hash"] == b.tips["proven"]["block"]["hash"]
+    assert setup.pool.candidates("/") == [a, b] and setup.pool.finalized == 980
+    document = health_document(setup.pool, RequestTotals(), 1.0)
+    assert document["backends"][2]["divergence"]["hash"] == c.tips["proven"]["block"]["hash"]
+    assert document["backends"][2]["quarantine"]["diverged"].startswith("proven tip block 990: hash 0x")
+    assert document["agreement"]["diverged"] == ["c:1"]
+    warned = messages(logged, "diverged from the majority")
+    assert len(warned) == 1 and warned[0]["backend"] == "c:1" and warned[0]["height"] == 990
+    clock.advance(30.0)
+    assert len(messages(logged, "diverged from the majority")) == 1, "logged once, not every round"
+    service.stopService()
+
+
+@pytest.mark.parametrize("dialect, call", [("4", "node_getBlockHeader"), ("5", "node_getBlockData")])
+def test_nodes_at_different_heights_are_compared_by_archive_root(dialect, call):
+    clock = task.Clock()
+    nodes = {"a": simulated("pruned", clock, dialect), "b": simulated("lagging", clock, dialect),
+             "c": forked(SimulatedNode(dataclasses.replace(SCENARIOS["pruned"], lag_blocks=3), CHAIN, clock=clock,
+                                       dialect=dialect))}
+    setup = Setup(clock, nodes, max_block_lag=10)
+    service = setup.health()
+    service.startService()
+    a, b, c = setup.pool.backends
+    # Finalized 980, 930 and 977: the tips compare nothing, so the next round asks every node for
+    # the archive root after block 930, the lowest finalized block.
+    assert not c.quarantine.get("diverged") and setup.pool.agreement.probe_height == 930
+    assert not any(nodes[name].calls[call] for name in nodes), "no extra call while heights were unknown"
+    clock.advance(30.0)
+    assert all(nodes[name].calls[call] == 1 for name in nodes), "one archive call per node, in the round's batch"
+    assert all(nodes[name].requests == 2 for name in nodes)
+    assert a.archive == b.archive != c.archive and a.archive[0] == 930
+    assert c.divergence.kind == "archive root" and c.divergence.height == 930
+    assert c.quarantine["diverged"].startswith("archive root after block 930 0x")
+    assert "lag" in b.quarantine and "diverged" not in b.quarantine, "far behind, but on the same chain"
+    assert setup.pool.finalized == 930, "a and b (c has no say): the highest height both have finalized"
+    service.stopService()
+
+
+def test_two_nodes_that_disagree_make_nothing_final(logged):
+    clock = task.Clock()
+    setup = Setup(clock, {"a": simulated("pruned", clock), "b": forked(simulated("pruned", clock))})
+    service = setup.health()
+    service.startService()
+    assert setup.pool.finalized is None and setup.pool.agreement.contested.height == 980
+    assert all(not b.quarantine for b in setup.pool.backends)
+    contest = health_document(setup.pool, RequestTotals(), 1.0)["agreement"]["contested"]
+    assert sorted(node for side in contest["sides"] for node in side["nodes"]) == ["a:1", "b:1"]
+    assert len(messages(logged, "nodes disagree and no majority decides")) == 1
+    service.stopService()
+
+
+def test_archive_calls_and_answers():
+    assert archive_call("node_getL2Tips", 930) == ("node_getBlockHeader", [931])
+    assert archive_call("node_getChainTips", 930) == ("node_getBlockData", [930])
+    assert archive_call("aztec_getChainTips", 930) == ("aztec_getBlockData", [930])
+    assert archive_call("aztec_getL2Tips", 930) is None
+    header = {"lastArchive": {"root": "0xAB"}, "globalVariables": {"blockNumber": 931}}
+    assert archive_of("node_getBlockHeader", 930, header) == (930, "0xab")
+    assert archive_of("node_getBlockHeader", 929, header) is None, "a header of another block is no vote"
+    data = {"archive": {"root": "0xcd"}, "header": {"globalVariables": {"blockNumber": "930"}}}
+    assert archive_of("node_getBlockData", 930, data) == (930, "0xcd")
+    for garbage in (None, RpcCallError("x"), {"archive": {}}, {"archive": {"root": 5}}, [], "0x1"):
+        assert archive_of("node_getBlockData", 930, garbage) is None
 
 
 # ------------------------------------------------------------------------------ integrity

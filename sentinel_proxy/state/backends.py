@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger
 
-from sentinel_proxy.core import scoring
+from sentinel_proxy.core import agreement, scoring
 from sentinel_proxy.core.cache_policy import finalized_tip
 from sentinel_proxy.ops.logs import observer
 
@@ -105,6 +105,16 @@ def default_name(url: str) -> str:
 BackendEntry = Union[str, Tuple[str, str]]
 
 
+@dataclass(frozen=True, slots=True)
+class TipsReport:
+    """How the node's chain tips arrived in its last health round (shown in /health)."""
+
+    #: The method that answered, or the remembered one that failed; None while none is known.
+    method: str | None
+    ok: bool
+    error: str | None = None
+
+
 @dataclass(eq=False)
 class Backend:
     url: str
@@ -125,8 +135,17 @@ class Backend:
     #: ``oldestHistoricBlockNumber``: the oldest block whose state the node still serves.
     oldest_block: int | None = None
     lag: int = 0
-    #: The node's last node_getL2Tips answer: its vote for the finalized tip.
+    #: The node's last tips answer (``node_getL2Tips`` or ``getChainTips``): its vote for the
+    #: finalized tip. None when its last health round brought none.
     tips: Any = None
+    #: How the tips arrived last round (None before the first round that asked).
+    tips_report: TipsReport | None = None
+    #: The tips method this node answers, remembered by the health check (None: detect it).
+    tips_method: str | None = None
+    #: (n, archive root after block n) from the last health round, when it was asked for one.
+    archive: tuple[int, str] | None = None
+    #: Why the node is held to be on another chain than the majority (sticky, see core/agreement.py).
+    divergence: agreement.Divergence | None = None
     #: Why the node gets no traffic although it is healthy: reason kind -> explanation.
     quarantine: dict[str, str] = field(default_factory=dict)
     #: Set by an operator (/admin/drain): no new traffic; requests in flight finish.
@@ -217,8 +236,12 @@ class BackendPool:
         self.set_breaker_policy(self._breaker_policy)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._falling_back: set[str] = set()
-        #: The finalized block a majority of healthy nodes agree on (None: no majority yet).
+        #: The finalized block a majority of the healthy, agreeing nodes report (None: no majority
+        #: yet, or a contested height: nothing may become immutable then).
         self.finalized: int | None = None
+        #: The last cross-node agreement analysis (core/agreement.py).
+        self.agreement = agreement.Agreement()
+        self._no_finalized = False
         self._rebuild()
 
     def replace(self, entries: Iterable[BackendEntry]) -> None:
@@ -273,15 +296,17 @@ class BackendPool:
     #: What the worker running the checks hands to the other workers (--workers): everything the
     #: checks decide. Not breakers, drains or counters: those are each worker's own.
     SHARED_STATE = ("healthy", "block_number", "last_check", "last_error", "verdict", "chain", "oldest_block",
-                    "lag", "quarantine", "tips", "latency")
+                    "lag", "quarantine", "tips", "tips_report", "tips_method", "archive", "divergence", "latency")
 
     def snapshot(self) -> dict[str, Any]:
-        return {"finalized": self.finalized, "entries": [(b.name, b.url) for b in self.backends],
+        return {"finalized": self.finalized, "agreement": self.agreement,
+                "entries": [(b.name, b.url) for b in self.backends],
                 "backends": {b.url: {name: getattr(b, name) for name in self.SHARED_STATE} for b in self.backends}}
 
     def apply(self, snapshot: dict[str, Any]) -> None:
         """Take over the state the checks decided in another worker (backends matched by URL)."""
         self.finalized = snapshot["finalized"]
+        self.agreement = snapshot.get("agreement", self.agreement)
         states = snapshot["backends"]
         for backend in self.backends:
             state = states.get(backend.url)
@@ -337,7 +362,11 @@ class BackendPool:
     def record_health(self, backend: Backend, healthy: bool, now: float, block_number: int | None = None,
                       latency_ms: float | None = None, error: str | None = None,
                       chain: tuple[str, str] | None = None, oldest_block: int | None = None,
-                      tips: Any = None) -> None:
+                      tips: Any = None, tips_report: TipsReport | None = None,
+                      archive: tuple[int, str] | None = None) -> None:
+        """One health round's findings. With ``tips_report`` (the health check always sends one for a
+        node that answered), ``tips`` and ``archive`` are this round's word, None included: a node
+        whose tips stopped must not keep voting with old ones. Without it, None leaves them as they were."""
         backend.healthy = healthy
         backend.last_check = now
         backend.last_error = error
@@ -349,7 +378,11 @@ class BackendPool:
             backend.chain = chain
         if oldest_block is not None:
             backend.oldest_block = oldest_block
-        if tips is not None:
+        if tips_report is not None:
+            backend.tips_report = tips_report
+            backend.tips = tips if tips_report.ok else None
+            backend.archive = archive
+        elif tips is not None:
             backend.tips = tips
         backend.rescore()
         self._rebuild()
@@ -360,9 +393,12 @@ class BackendPool:
         self._rebuild()
 
     def reassess(self) -> None:
-        """Quarantine nodes on another chain than the majority, then nodes lagging the best block.
+        """Quarantine nodes on another chain than the majority, then nodes whose finalized blocks
+        differ from the majority's ("diverged"), then nodes lagging the best block.
 
-        Chain first: a node on another rollup may be far ahead, and must not set the bar for lag.
+        Chain first: a node on another rollup may be far ahead, and must not set the bar for lag (nor
+        count as diverged: its hashes differ by design). A diverged node sets no bar for lag either,
+        and has no say in the finalized tip.
         """
         healthy = [b for b in self.backends if b.healthy]
         chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
@@ -372,15 +408,63 @@ class BackendPool:
                 backend.quarantine["chain"] = (f"l1ChainId {backend.chain[0]}, rollupVersion {backend.chain[1]} "
                                                f"differ from the majority's {chain[0]}, {chain[1]}")
         same_chain = [b for b in healthy if "chain" not in b.quarantine]
-        best = max((b.block_number for b in same_chain), default=0)
-        # Votes of the healthy nodes on the majority chain: never a single node's claim.
-        self.finalized = finalized_tip(b.tips for b in same_chain)
+        self._reassess_agreement(same_chain)
+        agreeing = [b for b in same_chain if b.divergence is None]
+        best = max((b.block_number for b in agreeing), default=0)
+        # Votes of the healthy, agreeing nodes on the majority chain: never a single node's claim,
+        # and nothing at all while a height is contested.
+        contested = self.agreement.contested
+        self._set_finalized(None if contested is not None else finalized_tip(b.tips for b in agreeing), agreeing)
         for backend in self.backends:
             backend.lag = max(0, best - backend.block_number) if backend.healthy else 0
             reason = scoring.lag_reason(backend.block_number, best, self._max_lag) if backend.healthy else None
             if reason is not None:
                 backend.quarantine["lag"] = reason
         self._rebuild()
+
+    def _reassess_agreement(self, voters: list[Backend]) -> None:
+        """Compare the voters' block hashes (core/agreement.py); quarantine the diverged nodes."""
+        reports = {b.url: agreement.Report(agreement.parse_tips(b.tips), b.archive) for b in voters}
+        previous = {b.url: b.divergence for b in self.backends if b.divergence is not None}
+        before = self.agreement
+        self.agreement = agreement.analyse(reports, previous, before.contested)
+        for backend in self.backends:
+            was, now = backend.divergence, self.agreement.diverged.get(backend.url)
+            backend.divergence = now
+            if now is None:
+                if was is not None:
+                    log.info("backend {backend} agrees with the majority again at block {height}", backend=backend.name,
+                             height=max((m.height for m in self.agreement.majorities), default=was.height))
+                continue
+            backend.quarantine["diverged"] = now.reason()
+            if was is None:
+                log.warn("backend {backend} diverged from the majority: {reason}", backend=backend.name,
+                         reason=now.reason(), height=now.height, hash=now.value, majority=now.majority, kind=now.kind)
+        names = {b.url: b.name for b in self.backends}
+        contest = self.agreement.contested
+        if contest is not None and before.contested is None:
+            log.warn("nodes disagree and no majority decides: {reason}; nothing becomes immutable in the cache "
+                     "until a majority agrees at or above block {height}", reason=contest.reason(names),
+                     height=contest.height)
+        elif contest is None and before.contested is not None:
+            log.info("a majority agrees again at or above block {height}", height=before.contested.height)
+
+    def _set_finalized(self, finalized: int | None, voters: list[Backend]) -> None:
+        """Set the finalized tip, saying so once when it becomes unknown (the cache then makes
+        nothing immutable) and once when it is known again."""
+        self.finalized = finalized
+        if finalized is None and voters and not self._no_finalized:
+            self._no_finalized = True
+            if self.agreement.contested is not None:
+                reason = "a height is contested (see the warning above)"
+            else:
+                silent = [b.name for b in voters if agreement.parse_tips(b.tips) is None]
+                reason = (f"no majority of the {len(voters)} healthy, agreeing nodes reports one"
+                          + (f" (no readable tips from {', '.join(silent)})" if silent else ""))
+            log.warn("no finalized tip: {reason}; nothing is cached as immutable until there is one", reason=reason)
+        elif finalized is not None and self._no_finalized:
+            self._no_finalized = False
+            log.info("finalized tip known again: block {block}", block=finalized)
 
     @staticmethod
     def record_outcome(backend: Backend, now: float, *, attempt: str | None = None,

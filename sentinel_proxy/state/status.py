@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from sentinel_proxy.core.agreement import parse_tips
 from sentinel_proxy.state.backends import Backend, BackendPool
 
 #: What Go's zero ``time.Time`` marshals to: the prototype's ``lastCheck`` before any check.
@@ -78,7 +79,37 @@ def backend_document(backend: Backend) -> dict[str, Any]:
     }
     if verdict is not None:
         document["integrity"] = verdict.to_json()
+    document["tips"] = tips_document(backend)
+    document["divergence"] = backend.divergence.to_json() if backend.divergence else None
     return document
+
+
+def tips_document(backend: Backend) -> dict[str, Any] | None:
+    """How the node's chain tips arrived last round, and the two that vote on agreement."""
+    report = backend.tips_report
+    if report is None:
+        return None
+    tips = parse_tips(backend.tips)
+    return {
+        "method": report.method,
+        "ok": report.ok,
+        "error": report.error,
+        "finalized": tips.finalized.to_json() if tips else None,
+        "proven": tips.proven.to_json() if tips and tips.proven else None,
+    }
+
+
+def agreement_document(pool: BackendPool) -> dict[str, Any]:
+    """What the nodes agree on: the finalized tip the cache trusts, and the heights compared."""
+    agreement = pool.agreement
+    names = {b.url: b.name for b in pool.backends}
+    return {
+        "finalized": pool.finalized,
+        "compared": [m.to_json() for m in agreement.majorities],
+        "contested": agreement.contested.to_json(names) if agreement.contested else None,
+        "diverged": sorted(names.get(key, key) for key in agreement.diverged),
+        "probeHeight": agreement.probe_height,
+    }
 
 
 def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> dict[str, Any]:
@@ -86,6 +117,7 @@ def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> 
         "status": "healthy" if pool.any_healthy else "unhealthy",
         "uptime": round(uptime, 3),
         "backends": [backend_document(b) for b in pool.backends],
+        "agreement": agreement_document(pool),
         "metrics": {
             "totalRequests": totals.requests,
             "totalErrors": totals.errors,

@@ -98,6 +98,11 @@
       node.setAttribute(name, String(value));
     }
   }
+  /** A hash cut to its ends: "0x1234abcd…9f0e". */
+  function shortHash(x) {
+    x = str(x);
+    return x.length > 16 ? x.slice(0, 10) + "\u2026" + x.slice(-4) : x;
+  }
   function field(name) { return document.querySelector('#totals [data-field="' + name + '"]'); }
   function headerField(name) { return document.querySelector('[data-field="' + name + '"]'); }
 
@@ -170,8 +175,12 @@
     notes.appendChild(notesTd);
     r.quarantine = el("span", "note quarantine");
     r.quarantine.dataset.field = "quarantine";
+    r.divergence = el("span", "note divergence");
+    r.divergence.dataset.field = "divergence";
     r.lastError = el("span", "note last-error");
     r.lastError.dataset.field = "last-error";
+    r.tips = el("span", "note tips");
+    r.tips.dataset.field = "tips";
     r.chain = el("span", "note meta");
     r.chain.dataset.field = "chain";
     r.checked = el("span", "note meta");
@@ -184,7 +193,7 @@
     r.findingsList = el("ul");
     r.findings.appendChild(r.findingsSummary);
     r.findings.appendChild(r.findingsList);
-    [r.quarantine, r.lastError, r.chain, r.checked, r.history, r.findings].forEach(function (n) {
+    [r.quarantine, r.divergence, r.lastError, r.tips, r.chain, r.checked, r.history, r.findings].forEach(function (n) {
       notesTd.appendChild(n);
     });
     return r;
@@ -320,7 +329,26 @@
 
     // notes line
     var quarantine = obj(b.quarantine);
-    setText(r.quarantine, reasons.map(function (k) { return k + ": " + str(quarantine[k]); }).join(" \u00b7 "));
+    var divergence = isObj(b.divergence) ? b.divergence : null;
+    // A divergence has a line of its own (hashes shortened, in full on hover).
+    setText(r.quarantine, reasons.filter(function (k) { return !(divergence && k === "diverged"); })
+      .map(function (k) { return k + ": " + str(quarantine[k]); }).join(" \u00b7 "));
+    setText(r.divergence, divergence ? "diverged at block " + str(divergence.height) + " (" +
+      (str(divergence.source) || str(divergence.kind)) + "): " + shortHash(divergence.hash) + " vs the majority's " +
+      shortHash(divergence.majority) + " (" + str(divergence.votes) + " of " + str(divergence.voters) + " nodes)" : "");
+    setAttr(r.divergence, "title", divergence ? str(divergence.reason) : "");
+    setAttr(r.body, "data-diverged", divergence ? "true" : "");
+    var tips = isObj(b.tips) ? b.tips : null;
+    var finalized = tips ? obj(tips.finalized) : {};
+    if (tips && tips.ok === true) {
+      setText(r.tips, "tips: " + (str(tips.method) || "?") +
+        (num(finalized.number) !== null ? " \u00b7 finalized " + str(finalized.number) : ""));
+    } else {
+      setText(r.tips, tips ? "no finalized tip" + (str(tips.method) ? " (" + str(tips.method) + ")" : "") +
+        (str(tips.error) ? ": " + str(tips.error) : "") : "");
+    }
+    setAttr(r.tips, "data-value", tips ? (tips.ok === true ? "ok" : "missing") : "");
+    setAttr(r.tips, "title", str(finalized.hash));
     setText(r.lastError, b.lastError === null || b.lastError === undefined || b.lastError === ""
                          ? "" : "last error: " + str(b.lastError));
     var chain = b.chain;
@@ -378,6 +406,16 @@
       if (n !== null && (best === null || n > best)) { best = n; }
     });
     setText(field("best-block"), fmtPlain(best));
+
+    var agreement = obj(doc.agreement);
+    var finalizedTip = num(agreement.finalized);
+    var contested = isObj(agreement.contested) ? agreement.contested : null;
+    var finalizedField = field("finalized");
+    setText(finalizedField, contested ? "finalized: contested" : "finalized " + fmtPlain(finalizedTip));
+    setAttr(finalizedField, "data-value", contested ? "contested" : finalizedTip !== null ? "agreed" : "none");
+    setAttr(finalizedField, "title", contested ? str(contested.reason)
+      : finalizedTip !== null ? "agreed by a majority of the healthy nodes that agree on their hashes"
+      : "no agreed finalized tip: nothing is cached as immutable");
 
     var metrics = obj(doc.metrics);
     var requests = num(metrics.totalRequests), errors = num(metrics.totalErrors), rate = num(metrics.errorRate);
