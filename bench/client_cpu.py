@@ -1,4 +1,4 @@
-"""CPU per request of the forwarding clients: FastForwardingClient vs the Agent-based UpstreamClient.
+"""CPU per request of the forwarding clients: FastForwardingClient vs TreqForwardingClient (treq over an Agent).
 
 Not a test. Starts a minimal raw-Twisted HTTP/1.1 keep-alive server in a subprocess on 127.0.0.1
 (so its CPU is not counted), then, in this process, sends N POSTs with C in flight through each
@@ -70,11 +70,9 @@ class NullClient:
 
     def __init__(self) -> None:
         from twisted.internet import defer
-        from twisted.web.http_headers import Headers
-
         from sentinel_proxy.upstream.client import UpstreamResponse
 
-        self._answer = UpstreamResponse(200, Headers(), ANSWER_BODY)
+        self._answer = UpstreamResponse(200, (), ANSWER_BODY)
         self._succeed = defer.succeed
 
     def post(self, backend, body, headers, timeout, limit=None):
@@ -86,9 +84,8 @@ class NullClient:
 
 async def drive(client, backend, count: int, concurrency: int, seconds: float) -> tuple[int, float, float]:
     from twisted.internet import defer
-    from twisted.web.http_headers import Headers
 
-    headers = Headers({b"content-type": [b"application/json"], b"x-request-id": [b"bench"]})
+    headers = ((b"content-type", b"application/json"), (b"x-request-id", b"bench"))
     issued = 0
     deadline = time.monotonic() + seconds
 
@@ -107,7 +104,7 @@ async def drive(client, backend, count: int, concurrency: int, seconds: float) -
 
 async def main(reactor, args: argparse.Namespace) -> None:
     from sentinel_proxy.state.backends import Backend
-    from sentinel_proxy.upstream.client import UpstreamClient
+    from sentinel_proxy.upstream.treq_client import TreqForwardingClient
     from sentinel_proxy.upstream.http11 import FastForwardingClient
 
     node = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE)
@@ -116,7 +113,7 @@ async def main(reactor, args: argparse.Namespace) -> None:
         backend = Backend(f"http://127.0.0.1:{port}/")
         clients = [("null (harness only)", NullClient()),
                    ("FastForwardingClient", FastForwardingClient(reactor)),
-                   ("UpstreamClient (Agent)", UpstreamClient(reactor))]
+                   ("TreqForwardingClient (treq over Agent)", TreqForwardingClient(reactor))]
         if args.only:
             clients = [c for c in clients if args.only.lower() in c[0].lower()]
         print(f"N={args.n} concurrency={args.c} node=127.0.0.1:{port} (subprocess; its CPU not counted)")

@@ -20,7 +20,7 @@ from sentinel_proxy.state.backends import BackendPool
 from sentinel_proxy.checks import CheckClient, IntegrityService, run_inline
 from sentinel_proxy.core.integrity import IntegrityParams
 from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode, simulated_site
-from sentinel_proxy.upstream.client import UpstreamClient
+from sentinel_proxy.upstream.client import PooledAgent
 
 CHAIN = ChainParams(slots_per_epoch=32, committee_size=48)
 PARAMS = IntegrityParams(slots_per_epoch=32, expected_validators=48)
@@ -52,7 +52,7 @@ async def measure(rounds: int) -> None:
     node = SimulatedNode(SCENARIOS["pruned"], CHAIN, clock=reactor)
     port = reactor.listenTCP(0, simulated_site(node), interface="127.0.0.1")
     pool = BackendPool([f"http://127.0.0.1:{port.getHost().port}"])
-    upstream = UpstreamClient(reactor)
+    upstream = PooledAgent(reactor)
     in_thread = partial(threads.deferToThreadPool, reactor, reactor.getThreadPool())
     body = node.handle_body(b'{"jsonrpc":"2.0","id":1,"method":"node_getValidatorsStats","params":[]}')[1]
     print(f"answer: {len(body) / 1e6:.2f} MB")

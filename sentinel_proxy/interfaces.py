@@ -42,16 +42,25 @@ class IForwardingClient(Interface):
     """Sends a caller's request to one node and brings back the node's answer untouched.
 
     The request path depends on this, not on an HTTP library, so its stages run in memory in the
-    tests and the client can be swapped for a faster one without touching them.
+    tests and the client can be swapped without touching them (UPSTREAM_CLIENT: ``fast``,
+    sentinel_proxy/upstream/http11.py; ``treq``, for measurement, upstream/treq_client.py).
     """
 
     def post(backend, body: bytes, headers, timeout: float, limit: int | None = None):
-        """Coroutine: POST ``body`` to the node and return an ``UpstreamResponse``.
+        """POST ``body`` to the node; return an awaitable (a Deferred) of an ``UpstreamResponse``.
+
+        ``headers`` is a sequence of (name: bytes, value: bytes) pairs, in any case; the client
+        writes Host, Content-Length and the node's own Authorization itself and leaves out the
+        caller's copies of those and of the other connection-level headers. The answer is
+        ``UpstreamResponse(code, headers, body)``: ``headers`` a tuple of (name, value) pairs in
+        the order received, names lower-cased, without the connection-level headers
+        (content-length, connection, keep-alive, transfer-encoding, ...); ``body`` the bytes as
+        the node sent them.
 
         The whole exchange is bounded by ``timeout`` seconds and the answer by ``limit`` bytes
-        (default MAX_RESPONSE_BYTES). Raises ``UpstreamError`` with ``kind`` "timeout",
+        (default MAX_RESPONSE_BYTES). Fails with ``UpstreamError`` with ``kind`` "timeout",
         "connect" (the request provably never reached the node), "transport" or "too_large";
-        cancelling it closes the connection.
+        cancelling it closes the connection and fails it with ``CancelledError``.
         """
 
     def close() -> Deferred:

@@ -32,10 +32,15 @@ from sentinel_proxy.proxy.path import RequestPath
 from sentinel_proxy.proxy.values import Limits
 from sentinel_proxy.settings import Settings
 from sentinel_proxy.state.backends import Backend, BackendPool
-from sentinel_proxy.upstream.client import UpstreamClient
+from sentinel_proxy.interfaces import IForwardingClient
+from sentinel_proxy.upstream.client import PooledAgent
+from sentinel_proxy.upstream.http11 import FastForwardingClient
+from sentinel_proxy.upstream.memory import AnswerMemory
 from sentinel_proxy.web.auth import Access
 from sentinel_proxy.web.rpc import RpcResource
-from sentinel_proxy.web.site import ClientConnections, GatewaySite, make_site
+from sentinel_proxy.web.handoff import Connections
+from sentinel_proxy.web.server import LeanServerFactory
+from sentinel_proxy.web.site import GatewaySite, make_site
 
 log = Logger(observer=logs.observer)
 
@@ -50,7 +55,9 @@ class Gateway(MultiService):
 
     pool: BackendPool
     metrics: Metrics
-    upstream: UpstreamClient
+    upstream: Any  # IForwardingClient: FastForwardingClient, or TreqForwardingClient (UPSTREAM_CLIENT=treq)
+    answers: AnswerMemory
+    check_agent: PooledAgent
     cache: Any  # IResponseCache | None
     limiter: Any  # IRateLimiter | None
     access_log: logs.AccessLog
@@ -59,7 +66,8 @@ class Gateway(MultiService):
     integrity: IntegrityService
     demo: Any = None  # DemoNodesService | None
     site: GatewaySite
-    connections: ClientConnections
+    server: LeanServerFactory
+    connections: Connections
     listener: ListeningService
 
     def __init__(self, settings: Settings, reactor: Any, load: Callable[[], Settings], handle_signals: bool):
@@ -112,9 +120,8 @@ def build_service(settings: Settings, reactor: Any = None, cli: Mapping[str, str
     pool.set_breaker_policy(breaker_policy_of(settings))
     gateway.metrics = metrics = Metrics(pool)
     pool.on_breaker_change = partial(_breaker_changed, metrics)
-    gateway.upstream = upstream = UpstreamClient(
-        reactor, settings.upstream_max_connections, settings.upstream_idle_timeout_ms / 1000.0,
-        connect_timeout=settings.connect_timeout_ms / 1000.0, max_response_bytes=settings.max_response_bytes)
+    gateway.answers = AnswerMemory(settings.max_buffered_answers_mb * 1024 * 1024, reactor)
+    gateway.upstream = upstream = make_upstream(settings, reactor, gateway.answers)
     gateway.cache = make_cache(settings, reactor)
     gateway.limiter = make_limiter(settings, reactor)
     for label, store in (("cache", gateway.cache), ("ratelimit", gateway.limiter)):
@@ -123,33 +130,52 @@ def build_service(settings: Settings, reactor: Any = None, cli: Mapping[str, str
             ClosingService(store).setServiceParent(gateway)
     gateway.access_log = logs.AccessLog(sys.stdout, settings.log_format == "json")
     gateway.forwarder = make_forwarder(settings, pool, upstream, metrics, reactor, gateway.access_log,
-                                       gateway.cache, gateway.limiter)
+                                       gateway.cache, gateway.limiter, gateway.answers)
     flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, gateway.access_log.flush)
     flusher.clock = reactor
     flusher.setServiceParent(gateway)
-    gateway.health, gateway.integrity = make_checks(settings, pool, upstream, metrics, reactor)
+    gateway.check_agent = PooledAgent(reactor, idle_timeout=settings.upstream_idle_timeout_ms / 1000.0,
+                                      connect_timeout=settings.connect_timeout_ms / 1000.0)
+    gateway.health, gateway.integrity = make_checks(settings, pool, gateway.check_agent, metrics, reactor)
     _add_node_state(gateway, settings, reactor)
     ClosingService(upstream).setServiceParent(gateway)
-    gateway.site = make_web(gateway, reactor)
-    gateway.connections = gateway.site.connections
-    gateway.listener = ListeningService(settings.listen, gateway.site, reactor,
+    ClosingService(gateway.check_agent).setServiceParent(gateway)
+    ClosingService(gateway.answers).setServiceParent(gateway)
+    gateway.site, gateway.server = make_web(gateway, reactor)
+    gateway.connections = gateway.server.connections
+    gateway.listener = ListeningService(settings.listen, gateway.server, reactor,
                                         reuse_port=settings.workers > 1, on_listening=_announcer(settings))
     gateway.listener.setServiceParent(gateway)
     return gateway
 
 
-def make_forwarder(settings: Settings, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics, reactor: Any,
-                   access_log: logs.AccessLog, cache: Any, limiter: Any) -> RequestPath:
+def make_upstream(settings: Settings, reactor: Any, answers: AnswerMemory) -> IForwardingClient:
+    """The forwarding client UPSTREAM_CLIENT names, counting its answers' bytes in ``answers``."""
+    options = dict(max_connections=settings.upstream_max_connections,
+                   idle_timeout=settings.upstream_idle_timeout_ms / 1000.0,
+                   connect_timeout=settings.connect_timeout_ms / 1000.0,
+                   max_response_bytes=settings.max_response_bytes, memory=answers)
+    if settings.upstream_client == "treq":
+        from sentinel_proxy.upstream.treq_client import TreqForwardingClient
+
+        return TreqForwardingClient(reactor, **options)
+    return FastForwardingClient(reactor, **options)
+
+
+def make_forwarder(settings: Settings, pool: BackendPool, upstream: IForwardingClient, metrics: Metrics, reactor: Any,
+                   access_log: logs.AccessLog, cache: Any, limiter: Any, answers: AnswerMemory | None = None
+                   ) -> RequestPath:
     return RequestPath(pool, upstream, metrics, reactor, limits_of(settings), access_log_of(settings, access_log), cache,
-                     settings.cache_volatile_ttl_ms / 1000.0, limiter,
-                     worker=str(worker_number()) if settings.workers > 1 else None)
+                       settings.cache_volatile_ttl_ms / 1000.0, limiter,
+                       worker=str(worker_number()) if settings.workers > 1 else None,
+                       answer_bytes=None if answers is None else answers.over_cap)
 
 
-def make_checks(settings: Settings, pool: BackendPool, upstream: UpstreamClient, metrics: Metrics,
+def make_checks(settings: Settings, pool: BackendPool, agent: PooledAgent, metrics: Metrics,
                 reactor: Any) -> tuple[HealthService, IntegrityService]:
-    """The checks speak treq over the request path's connection pool (same TCP_NODELAY, connect
-    timeout and limits), through their own client: gzip is welcome there, never on the hot path."""
-    client = CheckClient.over(upstream.agent, reactor)
+    """The checks speak treq over their own small pool (same TCP_NODELAY and connect timeout as
+    the forwarding client), through their own client: gzip is welcome there, never on the hot path."""
+    client = CheckClient.over(agent.agent, reactor)
     health = HealthService(pool, client, settings.health_check_interval_ms / 1000.0, settings.request_timeout,
                            reactor, metrics)
     integrity = IntegrityService(
@@ -177,9 +203,11 @@ def _add_node_state(gateway: Gateway, settings: Settings, reactor: Any) -> None:
                       settings.shutdown_grace_ms / 1000.0).setServiceParent(gateway)
 
 
-def make_web(gateway: Gateway, reactor: Any) -> GatewaySite:
-    """The site, and behind it the web layer and the admin actions, each given only the parts it
-    uses; the settings through a getter, since a reload replaces them."""
+def make_web(gateway: Gateway, reactor: Any) -> tuple[GatewaySite, LeanServerFactory]:
+    """What listens: the lean HTTP/1.1 server for POST on the RPC routes, with the twisted.web
+    site behind it for every other request (handed over on the same connection), and behind the
+    site the web layer and the admin actions, each given only the parts it uses; the settings
+    through a getter, since a reload replaces them."""
     from sentinel_proxy.web.app import GatewayApp  # klein installs the default reactor: import late
 
     def settings() -> Settings:
@@ -189,7 +217,9 @@ def make_web(gateway: Gateway, reactor: Any) -> GatewaySite:
     admin = Admin(gateway.pool, (gateway.health, gateway.integrity), settings, lambda: gateway.forwarder.in_flight)
     app = GatewayApp(gateway.pool, gateway.metrics, gateway.forwarder.totals, reactor, admin, access)
     root = RpcResource(gateway.forwarder, access, app.resource())
-    return make_site(root, gateway.settings.max_body_bytes, gateway.settings.client_idle_timeout_ms / 1000.0)
+    idle = gateway.settings.client_idle_timeout_ms / 1000.0
+    site = make_site(root, gateway.settings.max_body_bytes, idle)
+    return site, LeanServerFactory(gateway.forwarder, access, site, reactor, gateway.settings.max_body_bytes, idle)
 
 
 def _announcer(settings: Settings) -> Callable[[Any], None] | None:
@@ -240,7 +270,8 @@ def limits_of(settings: Settings) -> Limits:
                   max_batch=settings.max_batch_size, max_body=settings.max_body_bytes,
                   timeout=settings.request_timeout, attempt_timeout=settings.attempt_timeout_ms / 1000.0,
                   max_attempts=settings.max_attempts, hedge=settings.hedge,
-                  hedge_delay=settings.hedge_delay_ms / 1000.0, max_in_flight=settings.max_in_flight)
+                  hedge_delay=settings.hedge_delay_ms / 1000.0, max_in_flight=settings.max_in_flight,
+                  max_response=settings.max_response_bytes)
 
 
 def breaker_policy_of(settings: Settings) -> BreakerPolicy:

@@ -13,6 +13,7 @@ the fields stay visible to type checkers, which a class built at run time would 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
@@ -20,6 +21,8 @@ from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+UPSTREAM_CLIENTS = ("fast", "treq")
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,32 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def core_count() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows),
+    else every core the system has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _workers(raw: str) -> int:
+    """``auto``: one process per core (at most 64); else a number of processes from 1 to 64."""
+    if raw.strip().lower() == "auto":
+        return min(MAX_WORKERS, core_count())
+    try:
+        return _integer(1, MAX_WORKERS)(raw)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or use auto: one per core)") from None
+
+
+def _upstream_client(raw: str) -> str:
+    text = raw.strip().lower()
+    if text not in UPSTREAM_CLIENTS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(UPSTREAM_CLIENTS)}")
+    return text
 
 
 def _log_level(raw: str) -> str:
@@ -215,8 +244,9 @@ class Settings:
     port: int = setting("PROXY_PORT", "8080", _integer(0, 65535), help="listen port")
     listen: str = setting("PROXY_LISTEN", None, _endpoint,
         help="Twisted endpoint string to listen on (default tcp:$PROXY_PORT)")
-    workers: int = setting("WORKERS", "1", _integer(1, 64),
-        help="processes serving the port together (SO_REUSEPORT); the first runs the checks for all")
+    workers: int = setting("WORKERS", "1", _workers,
+        help="processes serving the port together (SO_REUSEPORT), 1 to 64, or auto: one per core (recommended "
+             "in production); the first runs the checks for all")
     log_level: str = setting("LOG_LEVEL", "info", _log_level, reload=True, help="debug, info, warn or error")
     log_format: str = setting("LOG_FORMAT", "text", _log_format,
         help="text (twistd's log) or json (one JSON object per line on stdout, for log shippers)")
@@ -284,6 +314,12 @@ class Settings:
         help="requests handled at once; beyond it callers get a fast 503 with Retry-After instead of a queue")
     max_response_bytes: int = setting("MAX_RESPONSE_BYTES", "33554432", _integer(1),
         help="largest answer accepted from a node, in bytes; a larger one is cut off and the caller gets a 502")
+    max_buffered_answers_mb: int = setting("MAX_BUFFERED_ANSWERS_MB", "64", _integer(1),
+        help="node answers held in memory at once per process, in MB (from their first byte until handed to "
+             "the caller's connection); past it new requests get a fast 503 with Retry-After instead of more "
+             "memory. 64: a worker idles at ~60 MB and stays under ~90 MB with the default cache under a mixed "
+             "read load, where answers are small; 64 MB of big answers at once is two of MAX_RESPONSE_BYTES "
+             "(docs/configuration.md, Memory)")
     client_idle_timeout_ms: int = setting("CLIENT_IDLE_TIMEOUT_MS", "60000", _integer(1),
         help="a client connection that sends nothing for this long is closed, in ms")
     shutdown_grace_ms: int = setting("SHUTDOWN_GRACE_MS", "10000", _integer(0),
@@ -312,6 +348,9 @@ class Settings:
     upstream_idle_timeout_ms: int = setting("UPSTREAM_IDLE_TIMEOUT_MS", "4000", _integer(1),
         help="idle pooled connections are closed after this, in ms; keep it below the node's keep-alive timeout "
              "(5 s on Node.js) so a request never lands on a closing socket")
+    upstream_client: str = setting("UPSTREAM_CLIENT", "fast", _upstream_client,
+        help="the forwarding client: fast (the gateway's own HTTP/1.1 client, answers passed through byte for "
+             "byte) or treq (treq's HTTPClient, for measurement only: it gunzips answers)")
 
     #: ``--demo``: a flag of ``twistd sentinel-proxy`` only, not a variable; takes a restart.
     demo: bool = False

@@ -8,11 +8,10 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Union
+from typing import Any, Callable, Coroutine, Union
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from sentinel_proxy.core.scoring import BreakerPolicy
@@ -22,12 +21,14 @@ from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.path import RequestPath
 from sentinel_proxy.proxy.values import Caller, Limits
 from sentinel_proxy.state.backends import Backend, BackendPool
-from sentinel_proxy.upstream.client import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
 
-JSON = {b"content-type": [b"application/json"]}
+#: A caller's headers as the request path takes them: names lower-cased, one value each.
+JSON = {b"content-type": b"application/json"}
 
-#: A scripted answer: a response, a failure, or a Deferred the test fires (or never fires).
-Script = Union[UpstreamResponse, UpstreamError, defer.Deferred]
+#: A scripted answer: a response, a failure, a Deferred the test fires (or never fires), or a
+#: function of the request body that returns a response (a node that reads what it is asked).
+Script = Union[UpstreamResponse, UpstreamError, defer.Deferred, Callable[[bytes], UpstreamResponse]]
 
 
 def rpc(method: str, params: list | None = None, id_: Any = 1) -> dict:
@@ -38,10 +39,26 @@ def body_of(value: Any) -> bytes:
     return json.dumps(value).encode()
 
 
+def pairs(headers: dict | None) -> tuple[tuple[bytes, bytes], ...]:
+    """Header pairs, names lower-cased, from ``{name: value or [values]}``."""
+    out = []
+    for name, values in (headers or {}).items():
+        for value in (values if isinstance(values, (list, tuple)) else [values]):
+            out.append((name.lower(), value))
+    return tuple(out)
+
+
 def answer(value: Any, code: int = 200, headers: dict | None = None) -> UpstreamResponse:
-    """A node's answer: ``value`` as JSON unless it is already bytes."""
+    """A node's answer: ``value`` as JSON unless it is already bytes; ``headers`` as
+    ``{name: value or [values]}``, after a content-type."""
     body = value if isinstance(value, bytes) else json.dumps(value).encode()
-    return UpstreamResponse(code, Headers({b"content-type": [b"application/json"], **(headers or {})}), body)
+    return UpstreamResponse(code, ((b"content-type", b"application/json"),) + pairs(headers), body)
+
+
+def request_headers(headers: dict) -> dict[bytes, bytes]:
+    """A caller's headers as the web layer hands them on: names lower-cased, values joined."""
+    return {name.lower(): (b", ".join(value) if isinstance(value, (list, tuple)) else value)
+            for name, value in headers.items()}
 
 
 def result(value: Any, id_: Any = 1) -> dict:
@@ -57,11 +74,15 @@ def hang() -> defer.Deferred[UpstreamResponse]:
 class Sent:
     node: str
     body: bytes
-    headers: Headers
+    #: (name, value) pairs, as the request path hands them to the client.
+    headers: tuple[tuple[bytes, bytes], ...]
     timeout: float
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
 
 
 def _timed_out(_: Any, timeout: float) -> Failure:
@@ -89,13 +110,17 @@ class MemoryClient:
     def to(self, node: str) -> list[Sent]:
         return [s for s in self.sent if s.node == node]
 
-    async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float,
+    async def post(self, backend: Backend, body: bytes, headers: Any, timeout: float,
                    limit: int | None = None) -> UpstreamResponse:
+        headers = tuple(headers)
+        assert all(type(name) is bytes and type(value) is bytes for name, value in headers), headers
         self.sent.append(Sent(backend.name, body, headers, timeout))
         queue = self._scripts.get(backend.name)
         scripted = queue.pop(0) if queue else self._default
         if scripted is None:
             raise AssertionError(f"no answer scripted for {backend.name}")
+        if callable(scripted) and not isinstance(scripted, (UpstreamResponse, defer.Deferred)):
+            scripted = scripted(body)
         if isinstance(scripted, defer.Deferred):
             pending = scripted
         elif isinstance(scripted, UpstreamError):
@@ -186,7 +211,7 @@ class Rig:
                raw: bytes | None = None) -> defer.Deferred:
         body = raw if raw is not None else body_of(value)
         return defer.Deferred.fromCoroutine(
-            self.path.handle(route, body, Headers(JSON if headers is None else headers), caller=caller))
+            self.path.handle(route, body, request_headers(JSON if headers is None else headers), caller=caller))
 
 
 def rig(count: int = 3, limits: Limits = Limits(), cache: IResponseCache | None = None, limiter: Any = None,

@@ -112,7 +112,8 @@ def test_answer_items_are_rebuilt_exactly():
                  {"jsonrpc": "2.0", "id": 3, "error": {"code": -32701, "message": "bad"}}):
         entry = entry_of(item)
         assert entry_from_store(store_value(entry)) == entry
-        assert json.loads(item_bytes(item["id"], entry)) == item
+        assert json.loads(item_bytes(json.dumps(item["id"]).encode(), entry)) == item
+    assert item_bytes(None, Entry("result", b"1")) == b'{"jsonrpc":"2.0","result":1}', "a notification: no id"
     assert entry_from_store(b"?junk") is None
     assert assemble([b"1", b"2"], True) == b"[1,2]" and assemble([b"{}"], False) == b"{}"
     assert Entry("missing").raw == b""

@@ -52,6 +52,7 @@ def test_refused_single_methods(method):
     with pytest.raises(RequestError) as caught:
         parse_request(body(call(method, id_=7)), 100)
     assert caught.value.code == jsonrpc.METHOD_NOT_FOUND and caught.value.request_id == 7
+    assert b'"id":7,' in caught.value.body()
 
 
 @pytest.mark.parametrize("item, code", [
@@ -70,17 +71,37 @@ def test_invalid_single_calls(item, code):
 def test_batch_refuses_items_individually_and_merges_in_order():
     parsed = parse_request(body([call(id_=0), call("nodeAdmin_pauseSync", id_=1), 5, call(id_="three")]), 100)
     assert [c.position for c in parsed.calls] == [0, 3]
-    assert parsed.refused[1]["error"]["code"] == jsonrpc.METHOD_NOT_FOUND and parsed.refused[1]["id"] == 1
-    assert parsed.refused[2]["error"]["code"] == jsonrpc.INVALID_REQUEST and parsed.refused[2]["id"] is None
-    merged = merge_batch(parsed, [{"jsonrpc": "2.0", "id": 0, "result": 1}, {"jsonrpc": "2.0", "id": "three"}])
+    refused = {position: json.loads(item) for position, item in parsed.refused.items()}
+    assert refused[1]["error"]["code"] == jsonrpc.METHOD_NOT_FOUND and refused[1]["id"] == 1
+    assert refused[2]["error"]["code"] == jsonrpc.INVALID_REQUEST and refused[2]["id"] is None
+    merged = json.loads(merge_batch(parsed, {0: b'{"jsonrpc":"2.0","id":0,"result":1}',
+                                             3: b'{"jsonrpc":"2.0","id":"three"}'}))
     assert [item.get("id") for item in merged] == [0, 1, None, "three"]
     assert "result" not in merged[3]
 
 
-def test_merge_refuses_a_wrong_length_answer():
+def test_merge_refuses_an_answer_missing_a_call():
     parsed = parse_request(body([call(id_=0), call("bad_x", id_=1)]), 100)
     with pytest.raises(ValueError):
-        merge_batch(parsed, [])
+        merge_batch(parsed, {})
+
+
+def test_a_notification_has_no_id_and_needs_no_answer():
+    parsed = parse_request(b'[{"jsonrpc":"2.0","method":"node_getBlockNumber"},'
+                           b'{"jsonrpc":"2.0","method":"nodeAdmin_x"},{"jsonrpc":"2.0","id":1,"method":"node_x"}]', 100)
+    assert [c.id for c in parsed.calls] == [None, b"1"]
+    assert parsed.refused[1] == (b'{"jsonrpc":"2.0","error":{"code":-32601,'
+                                 b'"message":"Method not allowed by this gateway: nodeAdmin_x"}}'), "no id: none written"
+    assert merge_batch(parsed, {2: b"{}"}) == b'[' + parsed.refused[1] + b',{}]'
+
+
+def test_calls_keep_their_raw_id_params_and_bytes():
+    raw = b'[ {"id": 1e2, "jsonrpc":"2.0", "method": "node_getBlock", "params" : [ 5 ]}, {"id":2,"method":"x_y"} ]'
+    parsed = parse_request(raw, 100)
+    (only,) = parsed.calls
+    assert (only.id, bytes(only.params_raw), only.params, only.key) == (b"1e2", b"[ 5 ]", [5], 100.0)
+    assert jsonrpc.allowed_body(parsed) == b'[{"id": 1e2, "jsonrpc":"2.0", "method": "node_getBlock", "params" : [ 5 ]}]'
+    assert only.request == {"jsonrpc": "2.0", "id": 100.0, "method": "node_getBlock", "params": [5]}
 
 
 @settings(max_examples=200, deadline=None)

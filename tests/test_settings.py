@@ -3,7 +3,10 @@ RELOADABLE and SECRET_SETTINGS."""
 import typing
 from dataclasses import fields
 
-from sentinel_proxy.config import RELOADABLE, SECRET_SETTINGS, SPECS, SPECS_BY_FIELD, Settings, load_settings
+import pytest
+
+from sentinel_proxy.config import (RELOADABLE, SECRET_SETTINGS, SPECS, SPECS_BY_FIELD, ConfigError, Settings,
+                                   load_settings)
 from sentinel_proxy.ops.admin import masked
 from sentinel_proxy.tap import Options
 
@@ -45,3 +48,40 @@ def test_every_secret_is_masked():
                              environ={}, dotenv_path=None)
     for name in SECRET_SETTINGS:
         assert masked(name, getattr(settings, name)) == "***", name
+
+
+def settings_with(**cli: str):
+    return load_settings(cli={"backends": "http://a:1", **cli}, environ={}, dotenv_path=None)
+
+
+def test_workers_auto_is_one_per_core(monkeypatch):
+    import os
+
+    from sentinel_proxy.settings import core_count
+
+    assert settings_with(workers="auto").workers == settings_with(workers=" AUTO ").workers == core_count()
+    assert core_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(3)))
+    assert settings_with(workers="auto").workers == 3, "the cores this process may run on (its affinity)"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert settings_with(workers="auto").workers == 64, "at most 64"
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    assert settings_with(workers="auto").workers == 5, "no affinity (not Linux): every core"
+    assert settings_with(workers="7").workers == 7
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "auto2", ""])
+def test_workers_refuses_anything_but_auto_or_1_to_64(value):
+    with pytest.raises(ConfigError, match="WORKERS|workers"):
+        settings_with(workers=value)
+
+
+def test_the_upstream_client_and_the_answer_memory_cap():
+    defaults = settings_with()
+    assert (defaults.upstream_client, defaults.max_buffered_answers_mb) == ("fast", 64)
+    assert settings_with(upstream_client="Treq", max_buffered_answers_mb="8").upstream_client == "treq"
+    for field, value in (("upstream_client", "agent"), ("max_buffered_answers_mb", "0")):
+        with pytest.raises(ConfigError):
+            settings_with(**{field: value})
+    assert not {"upstream_client", "max_buffered_answers_mb", "workers"} & RELOADABLE, "they take a restart"

@@ -9,6 +9,7 @@ from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.admission import InFlight, RateLimit, bucket_of
 from sentinel_proxy.proxy.values import Caller, Limits
 from sentinel_proxy.stores.ratelimit import MemoryRateLimiter
+from sentinel_proxy.upstream.memory import AnswerMemory
 
 from tests.stages_support import answer, hang, result, rig, rpc, sample, settled, trusted_pool
 
@@ -30,6 +31,22 @@ def test_in_flight_refuses_past_the_limit_and_counts_in_the_gauge():
     assert gate.count == 2 and sample(metrics, "sentinel_proxy_in_flight_requests") == 2.0
     gate.leave()
     assert gate.enter(2) is None, "a slot freed is a slot taken"
+
+
+def test_in_flight_refuses_while_node_answers_are_over_the_memory_cap():
+    metrics = Metrics(trusted_pool(1))
+    gate = InFlight(metrics.in_flight)
+    memory = AnswerMemory(100)
+    memory.take(100)
+    assert gate.enter(10, memory.over_cap) is None, "at the cap: still let in"
+    memory.take(1)
+    refused = gate.enter(10, memory.over_cap)
+    assert error_of(refused) == (503, jsonrpc.OVERLOADED) and (b"retry-after", b"1") in refused.headers
+    assert "large answers in memory" in json.loads(refused.body)["error"]["message"]
+    assert gate.count == 1 and sample(metrics, "sentinel_proxy_in_flight_requests") == 1.0, "a refusal is not counted"
+    memory.give_back(1)
+    assert gate.enter(10, memory.over_cap) is None and gate.count == 2
+    assert gate.enter(10) is None, "no memory bound given: none applied"
 
 
 def test_drained_fires_when_the_last_request_leaves():
@@ -86,7 +103,7 @@ def test_the_path_refuses_past_max_in_flight_and_drains():
 
 def test_an_unknown_api_key_is_refused_before_anything_else():
     gateway = rig(limits=Limits(key_digests=DIGESTS))
-    reply = settled(gateway.handle(rpc("node_getBlockNumber"), headers={b"content-type": [b"text/plain"]},
+    reply = settled(gateway.handle(rpc("node_getBlockNumber"), headers={b"content-type": b"text/plain"},
                                    caller=Caller("r", "10.0.0.1", "guessed")))
     assert error_of(reply) == (401, jsonrpc.UNKNOWN_API_KEY)
     assert gateway.client.sent == []

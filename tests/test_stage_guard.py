@@ -4,7 +4,6 @@ import json
 import zlib
 
 import pytest
-from twisted.web.http_headers import Headers
 
 from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.proxy.guard import check, decode_body, plan
@@ -18,9 +17,9 @@ LIMITS = Limits(max_body=1000, max_batch=5)
 def inbound(value=None, raw: bytes | None = None, content_type: bytes = b"application/json",
             encoding: bytes | None = None, too_large: bool = False, route: str = "/",
             extra: dict | None = None) -> Inbound:
-    headers = Headers({b"content-type": [content_type], **(extra or {})})
+    headers = {b"content-type": content_type, **(extra or {})}
     if encoding is not None:
-        headers.setRawHeaders(b"content-encoding", [encoding])
+        headers[b"content-encoding"] = encoding
     return Inbound(route, raw if raw is not None else body_of(value), headers, too_large, Caller("rid-7"))
 
 
@@ -94,7 +93,8 @@ def test_forbidden_batch_items_are_refused_one_by_one():
     parsed = check(inbound([rpc("node_getBlockNumber", id_=1), rpc("nodeAdmin_pauseSync", id_=2)]), LIMITS, None)
     assert isinstance(parsed, jsonrpc.ParsedRequest)
     assert parsed.methods == ("node_getBlockNumber",)
-    assert parsed.refused[1]["error"]["code"] == jsonrpc.METHOD_NOT_FOUND and parsed.refused[1]["id"] == 2
+    refused = json.loads(parsed.refused[1])
+    assert refused["error"]["code"] == jsonrpc.METHOD_NOT_FOUND and refused["id"] == 2
 
 
 def test_a_batch_refused_entirely_is_answered_without_a_node():
@@ -120,32 +120,46 @@ def test_blocks_no_eligible_node_keeps_are_refused():
     assert (status, code) == (400, jsonrpc.BLOCK_UNAVAILABLE) and "oldest: 10" in message
     parsed = check(inbound([rpc("node_getBlock", [5], id_=1), rpc("node_getBlock", [12], id_=2)]), LIMITS, 10)
     assert parsed.methods == ("node_getBlock",) and parsed.calls[0].position == 1
-    assert parsed.refused[0]["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE
+    assert json.loads(parsed.refused[0]) == {"jsonrpc": "2.0", "id": 1, "error": {
+        "code": jsonrpc.BLOCK_UNAVAILABLE, "message": json.loads(parsed.refused[0])["error"]["message"]}}
     for floor in (None, 0, 5):
         assert isinstance(check(inbound(rpc("node_getBlock", [5])), LIMITS, floor), jsonrpc.ParsedRequest)
 
 
 def test_plan_passes_the_callers_bytes_and_only_the_headers_worth_passing_on():
     raw = gzip.compress(body_of(rpc("node_getBlock", [60])))
-    request = inbound(raw=raw, encoding=b"gzip", extra={b"cookie": [b"secret"], b"user-agent": [b"wallet/1"]})
+    request = inbound(raw=raw, encoding=b"gzip", extra={b"cookie": b"secret", b"user-agent": b"wallet/1",
+                                                        b"accept-encoding": b"gzip, br", b"host": b"gw"})
     parsed = check(request, LIMITS, None)
     sent = plan(request, parsed, LIMITS, deadline=30.0)
     assert sent.body is raw and not sent.plain
     assert (sent.block, sent.safe, sent.deadline, sent.request_id) == (60, True, 30.0, "rid-7")
-    headers = sent.request_headers()
-    assert headers.getRawHeaders(b"cookie") is None
-    assert headers.getRawHeaders(b"content-encoding") == [b"gzip"]
-    assert headers.getRawHeaders(b"user-agent") == [b"wallet/1"]
-    assert headers.getRawHeaders(b"x-request-id") == [b"rid-7"]
-    assert sent.request_headers() is not headers, "each attempt gets its own headers"
+    assert sent.headers == ((b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
+                            (b"accept-encoding", b"gzip, br"), (b"user-agent", b"wallet/1"), (b"x-request-id", b"rid-7"))
 
 
 def test_plan_with_refused_items_sends_only_the_allowed_ones_uncompressed():
-    request = inbound(raw=gzip.compress(body_of([rpc("nodeAdmin_x", id_=1), rpc("node_sendTx", id_=2)])),
-                      encoding=b"gzip", extra={b"accept-encoding": [b"gzip"]})
+    request = inbound(raw=gzip.compress(b'[{"jsonrpc":"2.0","id":1,"method":"nodeAdmin_x"}, '
+                                        b'{ "jsonrpc": "2.0", "id": 2e0, "method": "node_sendTx" } ]'),
+                      encoding=b"gzip", extra={b"accept-encoding": b"gzip"})
     sent = plan(request, check(request, LIMITS, None), LIMITS, deadline=30.0)
-    assert sent.plain and json.loads(sent.body) == [rpc("node_sendTx", id_=2)]
+    assert sent.plain and sent.body == b'[{ "jsonrpc": "2.0", "id": 2e0, "method": "node_sendTx" }]', \
+        "the allowed items as the caller wrote them"
     assert not sent.safe, "node_sendTx is a write"
-    headers = sent.request_headers()
-    assert headers.getRawHeaders(b"content-encoding") is None
-    assert headers.getRawHeaders(b"accept-encoding") == [b"identity"]
+    assert sent.headers == ((b"content-type", b"application/json"), (b"accept-encoding", b"identity"),
+                            (b"x-request-id", b"rid-7"))
+
+
+def test_the_twisted_web_layer_hands_on_headers_lower_cased_and_joined():
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from sentinel_proxy.web.rpc import header_map
+
+    request = DummyRequest([b""])
+    request.requestHeaders.addRawHeader(b"Content-Type", b"application/json")
+    request.requestHeaders.addRawHeader(b"Accept-Encoding", b"gzip")
+    request.requestHeaders.addRawHeader(b"accept-encoding", b"br")
+    headers = header_map(request)
+    assert headers[b"content-type"] == b"application/json" and headers[b"accept-encoding"] == b"gzip, br"
+    parsed = check(Inbound("/", body_of(rpc("node_getBlockNumber")), headers, False, Caller("r")), LIMITS, None)
+    assert isinstance(parsed, jsonrpc.ParsedRequest)

@@ -3,14 +3,13 @@ import io
 import json
 
 from twisted.internet import task
-from twisted.web.http_headers import Headers
 
 from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.ops.logs import AccessLog
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.telemetry import Telemetry, methods_summary, response_headers
 from sentinel_proxy.proxy.values import JSON_HEADERS, Caller, Inbound, Limits, Reply, error_reply
-from sentinel_proxy.upstream.client import UpstreamError
+from sentinel_proxy.upstream.response import UpstreamError
 
 from tests.stages_support import answer, hang, result, rig, rpc, sample, settled, trusted_pool
 
@@ -39,7 +38,7 @@ def test_finish_counts_logs_and_adds_the_headers():
     metrics = Metrics(pool)
     stream = io.StringIO()
     telemetry = Telemetry(metrics, clock, AccessLog(stream, json_lines=True))
-    inbound = Inbound("/archiver", b"", Headers(), False, Caller("rid-9", "10.1.2.3"))
+    inbound = Inbound("/archiver", b"", {}, False, Caller("rid-9", "10.1.2.3"))
     started = clock.seconds()
     clock.advance(0.25)
     reply = Reply(200, b"[]", JSON_HEADERS, pool.backends[0], "ok", 2, ("node_getBlock", "node_getBlockNumber"), 2)
@@ -64,7 +63,7 @@ def test_finish_counts_logs_and_adds_the_headers():
 
 def test_no_access_log_when_it_is_off():
     telemetry = Telemetry(Metrics(trusted_pool(1)), task.Clock(), None)
-    final = telemetry.finish(Inbound("/", b"", Headers(), False, Caller("r")), Reply(200, b"{}"), 0.0)
+    final = telemetry.finish(Inbound("/", b"", {}, False, Caller("r")), Reply(200, b"{}"), 0.0)
     assert final.status == 200 and telemetry.totals.requests == 1
 
 

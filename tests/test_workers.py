@@ -9,6 +9,7 @@ import pytest
 
 from sentinel_proxy.state.backends import BackendPool
 from sentinel_proxy.config import ConfigError, load_settings
+from sentinel_proxy.settings import core_count
 from tests.processes import Daemon, fetch, poll
 
 #: Every test here runs twistd as a subprocess.
@@ -46,16 +47,20 @@ def test_the_node_state_crosses_to_another_pool():
     assert fa.breaker is not a.breaker, "breakers stay each worker's own"
 
 
-def test_two_workers_serve_one_port_and_end_together(tmp_path):
+@pytest.mark.parametrize("workers", ["2", "auto"])
+def test_workers_serve_one_port_and_end_together(tmp_path, workers):
+    count = 2 if workers == "2" else core_count()
+    if count < 2:
+        pytest.skip("one core: --workers auto starts no second worker")
     port = free_port()
-    daemon = Daemon(["sentinel-proxy", "--demo", "--listen", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"],
+    daemon = Daemon(["sentinel-proxy", "--demo", "--listen", f"tcp:{port}:interface=127.0.0.1", "--workers", workers],
                     tmp_path)
     base = f"http://127.0.0.1:{port}"
+    workers_seen: set[str] = set()
     try:
-        daemon.wait_for_line(r"started 1 more workers on the same port")
+        daemon.wait_for_line(rf"started {count - 1} more workers on the same port")
 
         def seen_workers():
-            workers = set()
             for i in range(40):  # a new connection each time: the kernel spreads them over the workers
                 request = urllib.request.Request(base + "/", data=json.dumps(
                     [{"jsonrpc": "2.0", "id": i, "method": "node_getProvenBlockNumber", "params": []}]).encode(),
@@ -63,12 +68,12 @@ def test_two_workers_serve_one_port_and_end_together(tmp_path):
                 try:
                     with urllib.request.urlopen(request, timeout=10) as response:
                         if response.status == 200 and "result" in json.loads(response.read())[0]:
-                            workers.add(response.headers["X-Sentinel-Worker"])
+                            workers_seen.add(response.headers["X-Sentinel-Worker"])
                 except OSError:
                     pass
-            return workers == {"0", "1"} and workers
+            return workers_seen == {str(n) for n in range(count)}
 
-        assert poll(seen_workers, timeout=30), "both workers must answer, the follower with the leader's node state"
+        assert poll(seen_workers, timeout=30), "every worker must answer, the followers with the leader's node state"
         assert fetch(base + "/ready")[0] == 200
     finally:
         daemon.process.send_signal(signal.SIGTERM)
@@ -76,6 +81,6 @@ def test_two_workers_serve_one_port_and_end_together(tmp_path):
         daemon.stop()
     log = "".join(daemon.lines)
     assert code == 0, log
-    assert "worker 1 ended" in log and "exit code 0" in log, log
+    assert all(f"worker {n} ended" in log for n in range(1, count)) and "exit code 0" in log, log
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()

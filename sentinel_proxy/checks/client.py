@@ -1,9 +1,10 @@
-"""The control plane's client: the checks' JSON-RPC calls, through treq over the gateway's pool.
+"""The control plane's client: the checks' JSON-RPC calls, through treq over a pool of their own.
 
 treq because checks want what the request path must not do: its ``HTTPClient`` wraps the agent in
 a ``ContentDecoderAgent``, so checks send ``Accept-Encoding: gzip`` and a 4.x validator-stats
-answer (~2 MB) crosses the wire gzipped. Built on the forwarding client's pooled agent
-(:meth:`CheckClient.over`), checks reuse its connections, TCP_NODELAY and connect timeout.
+answer (~2 MB) crosses the wire gzipped. Built on the checks' own small pooled agent
+(:class:`~sentinel_proxy.upstream.client.PooledAgent`, made by the service and closed at
+shutdown; :meth:`CheckClient.over`), with the gateway's TCP_NODELAY and connect timeout.
 
 Bodies are read with :func:`read_body`, not treq's ``collect``/``json_content``: those have no
 canceller and no bound, so a node stalling mid-body would keep its socket past the deadline and a
@@ -77,8 +78,8 @@ class CheckClient:
 
     @classmethod
     def over(cls, agent: IAgent, clock: IReactorTime, limit: int = CHECK_MAX_RESPONSE) -> CheckClient:
-        """A check client on ``agent``: ``UpstreamClient.agent`` in the gateway (one pool for all
-        upstream traffic), an in-memory agent in the tests."""
+        """A check client on ``agent``: the checks' ``PooledAgent.agent`` in the gateway, an
+        in-memory agent in the tests."""
         return cls(HTTPClient(agent, data_to_body_producer=BytesProducer), clock, limit)
 
     async def _exchange(self, backend: Backend, body: bytes) -> CheckAnswer:

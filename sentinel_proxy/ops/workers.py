@@ -1,6 +1,9 @@
 """``--workers N``: N processes serving one TCP port, one of them running the checks.
 
-Twisted is single-threaded, so one process uses one core (docs/performance.md). Every worker
+Twisted is single-threaded, so one process uses one core (docs/performance.md); ``--workers auto``
+(the production recommendation) is one process per core this process may run on
+(:func:`sentinel_proxy.settings.core_count`, resolved when the settings are parsed, so the leader and
+its followers agree on N). Every worker
 binds the same port with SO_REUSEPORT and the kernel spreads connections over them. The first
 process (the leader, started by twistd) runs the health and integrity checks and every
 ``PUBLISH_INTERVAL`` writes the node state the checks decided to each follower's standard input;

@@ -1,10 +1,10 @@
-"""Who gets in: the in-flight bound (and the drain that graceful shutdown waits on), API keys and
-the rate limit."""
+"""Who gets in: the in-flight bound and the memory bound on node answers (and the drain that
+graceful shutdown waits on), API keys and the rate limit."""
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import Gauge
 from twisted.internet import defer
@@ -16,19 +16,27 @@ from sentinel_proxy.stores.ratelimit import request_cost
 
 
 class InFlight:
-    """Counts the requests being handled, refuses new ones past MAX_IN_FLIGHT, and tells
-    graceful shutdown when the last one is done."""
+    """Counts the requests being handled, refuses new ones past MAX_IN_FLIGHT or while node answers
+    fill MAX_BUFFERED_ANSWERS_MB, and tells graceful shutdown when the last one is done."""
 
     def __init__(self, gauge: Gauge):
         self._gauge = gauge
         self.count = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
 
-    def enter(self, limit: int) -> Reply | None:
-        """Count the request in, or the 503 that asks the caller to come back shortly."""
+    def enter(self, limit: int, answers_over_cap: Callable[[], int] | None = None) -> Reply | None:
+        """Count the request in, or the 503 that asks the caller to come back shortly.
+
+        ``answers_over_cap()``: the bytes of node answers held beyond MAX_BUFFERED_ANSWERS_MB
+        (``AnswerMemory.over_cap``, sentinel_proxy/upstream/memory.py); more than 0 refuses
+        the request before it takes any memory. Answers already coming in are never cut.
+        """
         if self.count >= limit:
             return error_reply(503, jsonrpc.OVERLOADED,
                                f"Gateway overloaded: {self.count} requests in flight; retry shortly", retry_after=1)
+        if answers_over_cap is not None and answers_over_cap() > 0:
+            return error_reply(503, jsonrpc.OVERLOADED,
+                               "Gateway overloaded: too many large answers in memory; retry shortly", retry_after=1)
         self.count += 1
         self._gauge.inc()
         return None

@@ -1,41 +1,51 @@
 """Answering from the cache: look calls up, share identical calls in flight, fetch the rest as one
-sub-batch, and reassemble the answer in the caller's order with the caller's ids."""
+sub-batch, and reassemble the answer in the caller's order with the caller's ids.
+
+The sub-batch is the gateway's own request, so its calls carry the gateway's own ids (0, 1, ...):
+the node's answer is matched to them by failover (by id, whatever order it comes in), and each
+call's answer is put back under the caller's id bytes exactly as the caller wrote them, as are
+cache hits and the answers shared with followers. A hit costs a look-up and a concatenation:
+nothing is parsed or encoded on the way back.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
+import msgspec
 from twisted.internet import defer
 
-from sentinel_proxy.core import answers, jsonrpc
-from sentinel_proxy.core.answers import entry_from_store, item_bytes, store_value
-from sentinel_proxy.core.cache_policy import FOREVER, NEVER, Decision, decide, storable
+from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core.answers import MISSING, entry_from_store, entry_of, item_bytes, store_value
+from sentinel_proxy.core.cache_policy import FOREVER, NEVER, NEVER_DECISION, RULES, Decision, Rule, decide, storable
 from sentinel_proxy.interfaces import IResponseCache
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.coalesce import Entry, Flight, SingleFlight
-from sentinel_proxy.proxy.failover import answer_items
 from sentinel_proxy.proxy.values import JSON_HEADERS, HeaderPairs, Plan, Reply, error_reply
-from sentinel_proxy.upstream.client import UpstreamError
+from sentinel_proxy.upstream.response import UpstreamError
 
 
-@dataclass(frozen=True, slots=True)
 class Miss:
     """A call that goes upstream: ``flight`` is set when others may wait for its answer (and it is
     stored), None for a call that is never cached."""
 
-    call: jsonrpc.Call
-    decision: Decision
-    flight: Flight | None
+    __slots__ = ("call", "decision", "flight")
+
+    def __init__(self, call: jsonrpc.Call, decision: Decision, flight: Flight | None):
+        self.call = call
+        self.decision = decision
+        self.flight = flight
 
 
-@dataclass(slots=True)
 class Lookup:
     """What the cache and the calls in flight give for one request, and what is left to fetch."""
 
-    found: dict[int, Entry] = field(default_factory=dict)
-    misses: list[Miss] = field(default_factory=list)
-    shared: list[tuple[jsonrpc.Call, defer.Deferred[Entry]]] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {"hit": 0, "miss": 0, "coalesced": 0})
+    __slots__ = ("found", "misses", "shared", "counts")
+
+    def __init__(self) -> None:
+        self.found: dict[int, Entry] = {}
+        self.misses: list[Miss] = []
+        self.shared: list[tuple[jsonrpc.Call, defer.Deferred[Entry]]] = []
+        self.counts = {"hit": 0, "miss": 0, "coalesced": 0}
 
     def release(self) -> None:
         """Never leave followers waiting (failure, cancellation): a flight already answered ignores this."""
@@ -44,31 +54,62 @@ class Lookup:
                 miss.flight.fail(UpstreamError("transport", "the leading call did not complete"))
 
 
-@dataclass(frozen=True, slots=True)
 class Fetched:
     """The node's reply to the sub-batch, and each call's answer by the caller's position."""
 
-    reply: Reply
-    entries: dict[int, Entry]
+    __slots__ = ("reply", "entries")
+
+    def __init__(self, reply: Reply, entries: dict[int, Entry]):
+        self.reply = reply
+        self.entries = entries
 
 
 def reassemble(parsed: jsonrpc.ParsedRequest, entries: Mapping[int, Entry]) -> bytes:
-    """The caller's answer: every call's entry under the caller's id, refused items in place."""
-    parts = {position: jsonrpc.encode(item) for position, item in parsed.refused.items()}
+    """The caller's answer: every call's entry under the caller's id bytes, refused items in place."""
+    if not parsed.is_batch:
+        call = parsed.calls[0]
+        return item_bytes(call.id, entries[call.position])
+    parts: list[bytes] = [b""] * parsed.size
+    for position, item in parsed.refused.items():
+        parts[position] = item
     for call in parsed.calls:
-        parts[call.position] = item_bytes(call.request.get("id"), entries[call.position])
-    return answers.assemble((parts[i] for i in range(parsed.size)), parsed.is_batch)
+        parts[call.position] = item_bytes(call.id, entries[call.position])
+    return b"[" + b",".join(parts) + b"]"
+
+
+#: The gateway's ids for the calls of its sub-batches: 0, 1, 2, ...
+_SUB_IDS = [b"%d" % i for i in range(128)]
+_EMPTY_PARAMS = b"[]"
+
+
+def _method_json(method: str, known: dict[str, bytes] = {}) -> bytes:  # noqa: B006 - a cache on purpose
+    encoded = known.get(method)
+    if encoded is None:
+        encoded = jsonrpc.encode(method)
+        if len(known) < 4096:
+            known[method] = encoded
+    return encoded
 
 
 def narrowed(plan: Plan, misses: list[Miss]) -> Plan:
     """The plan for the calls the cache could not answer, as a sub-batch of their own.
 
-    The answer is taken apart here, so it goes without compression, with a new body.
+    The body is the gateway's: each call's method and params (as the caller wrote them) under
+    the gateway's id, its index in the sub-batch. It goes without compression, and the answer is
+    matched and taken apart by id.
     """
-    calls = tuple(jsonrpc.Call(i, miss.call.method, miss.call.request) for i, miss in enumerate(misses))
+    calls = []
+    items = []
+    for index, miss in enumerate(misses):
+        raw_id = _SUB_IDS[index] if index < len(_SUB_IDS) else b"%d" % index
+        call = miss.call
+        calls.append(call.renumbered(index, raw_id))
+        params = call.params_raw
+        items.append(b"".join((b'{"jsonrpc":"2.0","id":', raw_id, b',"method":', _method_json(call.method),
+                               b',"params":', _EMPTY_PARAMS if params is None else params, b"}")))
     batch = plan.parsed.is_batch or len(calls) > 1
-    body = jsonrpc.encode([c.request for c in calls]) if batch else jsonrpc.encode(calls[0].request)
-    return replace(plan, parsed=jsonrpc.ParsedRequest(batch, calls, {}), body=body, plain=True)
+    body = b"[" + b",".join(items) + b"]" if batch else items[0]
+    return plan.narrowed(jsonrpc.ParsedRequest(batch, tuple(calls), {}), body)
 
 
 class Caching:
@@ -88,6 +129,8 @@ class Caching:
         #: x-aztec-* headers of the latest answer from a node: a full cache hit still carries them,
         #: since clients check the chain and versions in them.
         self._aztec_headers: HeaderPairs = ()
+        #: The reply headers by X-Cache value ("" for a batch), rebuilt when the x-aztec-* ones change.
+        self._reply_headers: dict[bytes, HeaderPairs] = {}
 
     async def serve(self, plan: Plan) -> Reply | None:
         """Answer what the cache has, wait for identical calls already in flight, send the rest
@@ -98,9 +141,18 @@ class Caching:
         """
         parsed = plan.parsed
         finalized = self._finalized()
-        decisions = [decide(c.method, c.request.get("params", []), finalized, self._volatile_ttl)
-                     for c in parsed.calls]
-        if all(d.kind == NEVER for d in decisions):
+        volatile_ttl = self._volatile_ttl
+        decisions = []
+        cacheable = False
+        for call in parsed.calls:
+            # The rule first: the params of a call never cached (a large node_sendTx) stay undecoded.
+            if RULES.get(call.method, Rule.NEVER) is Rule.NEVER:
+                decision = NEVER_DECISION
+            else:
+                decision = decide(call.method, call.params, finalized, volatile_ttl)
+                cacheable = cacheable or decision.kind != NEVER
+            decisions.append(decision)
+        if not cacheable:
             return None
         lookup = await self._look_up(parsed.calls, decisions)
         try:
@@ -162,24 +214,31 @@ class Caching:
         reply = await self._forward(sub)
         if reply.outcome not in ("ok", "rpc_error"):
             return reply
-        items = answer_items(reply.body, sub.parsed.is_batch, len(misses))
-        if items is None:
-            return error_reply(502, jsonrpc.UPSTREAM_FAILED, "Upstream node answered a batch with the wrong shape",
-                               "upstream_error", reply.backend)
-        aztec = tuple((name, value) for name, value in reply.headers if name.lower().startswith(b"x-aztec-"))
-        if aztec:
+        items = reply.items
+        if items is None:  # the node refused the sub-batch as a whole: its answer, as it is
+            return reply
+        aztec = tuple([pair for pair in reply.headers if pair[0].startswith(b"x-aztec-")])
+        if aztec and aztec != self._aztec_headers:
             self._aztec_headers = aztec
+            self._reply_headers = {}
         finalized = self._finalized()
         entries: dict[int, Entry] = {}
         for miss, item in zip(misses, items):
             call = miss.call
-            entry = entries[call.position] = answers.entry_of(item)
+            entry = entries[call.position] = MISSING if item is None else entry_of(item)
             if miss.flight is None:
                 continue
             miss.flight.resolve(entry)
-            result = item.get("result") if isinstance(item, dict) else None
-            ttl = storable(miss.decision, call.method, call.request.get("params", []), entry.kind == "result",
-                           result, finalized, error=entry.kind == "error")
+            kind = entry.kind
+            if kind == "error":
+                continue
+            result: Any = None
+            if kind == "result":
+                try:
+                    result = msgspec.json.decode(item.result)
+                except msgspec.DecodeError:  # a number out of range: nothing to reason about, not stored
+                    continue
+            ttl = storable(miss.decision, call.method, call.params, kind == "result", result, finalized)
             if ttl is not None:
                 self._cache.set(miss.decision.key, store_value(entry), None if ttl == FOREVER else ttl)
         return Fetched(reply, entries)
@@ -187,12 +246,22 @@ class Caching:
     def _reply(self, parsed: jsonrpc.ParsedRequest, entries: dict[int, Entry], counts: dict[str, int],
                upstream: Reply | None) -> Reply:
         body = reassemble(parsed, entries)
-        errors = any(entry.kind == "error" for entry in entries.values()) or bool(parsed.refused)
-        first = entries.get(0)
-        status = 400 if not parsed.is_batch and first is not None and first.kind == "error" else 200
-        headers = JSON_HEADERS + self._aztec_headers
-        if not parsed.is_batch:
-            headers += ((b"x-cache", b"HIT" if counts["hit"] else b"COALESCED" if counts["coalesced"] else b"MISS"),)
+        errors = bool(parsed.refused)
+        if not errors:
+            for entry in entries.values():
+                if entry.kind == "error":
+                    errors = True
+                    break
+        if parsed.is_batch:
+            status = 200
+            label = b""
+        else:
+            status = 400 if errors else 200
+            label = b"HIT" if counts["hit"] else b"COALESCED" if counts["coalesced"] else b"MISS"
+        headers = self._reply_headers.get(label)
+        if headers is None:
+            headers = JSON_HEADERS + self._aztec_headers + (((b"x-cache", label),) if label else ())
+            self._reply_headers[label] = headers
         outcome = "rpc_error" if errors else "ok"
         if upstream is None:
             return Reply(status, body, headers, outcome=outcome)

@@ -5,20 +5,20 @@ breakers and the hedge delay learn from real traffic.
 """
 from __future__ import annotations
 
-import json
+import zlib
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.core import answers, jsonrpc
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.values import Attempt, Plan, Reply, error_reply
 from sentinel_proxy.state.backends import Backend, BackendPool
-from sentinel_proxy.upstream.client import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
 
 log = Logger(observer=observer)
 
@@ -32,72 +32,83 @@ _DROP_RESPONSE_HEADERS = frozenset({
     b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server",
     b"proxy-authenticate", b"trailer", b"upgrade",
 })
+#: The same, for an answer the gateway rewrote (in request order, merged): it goes uncompressed.
+_DROP_FROM_REWRITTEN = _DROP_RESPONSE_HEADERS | {b"content-encoding"}
 
 
-def answer_items(body: bytes, batch: bool, count: int) -> list[Any] | None:
-    """The node's answer items, or None when the answer does not have the request's shape."""
+def inflate(body: bytes, coding: bytes, limit: int) -> bytes | None:
+    """``body`` decoded from gzip or deflate, or None when it is not valid, is cut short or
+    inflates past ``limit`` bytes."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS if coding == b"deflate" else 16 + zlib.MAX_WBITS)
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error:
         return None
-    if batch:
-        return document if isinstance(document, list) and len(document) == count else None
-    return [document] if isinstance(document, dict) else None
+    if len(plain) > limit or not inflater.eof:
+        return None
+    return plain
 
 
-def _answer_outcome(status: int, body: bytes, encoding: bytes | None) -> str:
-    """rpc_error when the node answered with a JSON-RPC error (HTTP 4xx, or an error item in an
-    uncompressed answer: a substring search, no parse), else ok."""
-    if status >= 400 or (encoding is None and b'"error":' in body):
-        return "rpc_error"
-    return "ok"
-
-
-def _looks_like_json(body: bytes, encoding: bytes | None, is_batch: bool) -> bool:
-    """A cheap shape check of the node's answer, so garbage never reaches a caller as success.
-
-    Parsing every answer would cost more than the rest of the request path; the first and last
-    bytes tell a JSON-RPC object or array from an HTML error page, a truncated body or noise.
-    """
-    if encoding is not None and encoding.strip().lower() == b"gzip":
-        return body[:2] == b"\x1f\x8b"
-    text = body.strip()
-    if not text:
-        return False
-    return (text[:1], text[-1:]) in ((b"[", b"]"), (b"{", b"}")) if is_batch else \
-        (text[:1], text[-1:]) == (b"{", b"}")
+def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str) -> Attempt:
+    log.warn("request {request_id}: {backend} answered HTTP {code} with an unusable body: {why}",
+             request_id=plan.request_id, backend=backend.name, code=answer.code, why=why)
+    return Attempt(backend, "bad_answer", f"HTTP {answer.code} with an unusable body: {why}")
 
 
 def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
-    """A 5xx or garbage is the node failing; anything else, JSON-RPC errors included, is an answer.
+    """A 5xx, garbage, or an answer that does not answer the request is the node failing;
+    anything else, JSON-RPC errors included, is an answer.
 
-    When some batch items were refused locally, the node's items are merged back among them here,
-    so an answer that cannot be merged is garbage too.
+    The answer is parsed and checked against the request's ids (:func:`answers.match`): its
+    items must be the calls' answers, matched by id. When they come in another order than asked,
+    or when some batch items were refused locally, the caller gets the node's items in request
+    order (merged with the refused ones), re-assembled from the node's own item bytes; otherwise
+    the node's own bytes, compressed or not.
     """
-    encoding = answer.headers.getRawHeaders(b"content-encoding", [None])[0]
+    if answer.code >= 500:
+        return _bad(plan, backend, answer, "a server error")
+    encoding = None
+    for name, value in answer.headers:
+        if name == b"content-encoding":
+            encoding = value
+            break
+    text = answer.body
+    if encoding is not None:
+        coding = encoding.strip().lower()
+        if coding in (b"gzip", b"x-gzip", b"deflate"):
+            text = inflate(text, coding, plan.limits.max_response)
+            if text is None:
+                return _bad(plan, backend, answer, f"not valid {coding.decode('latin-1')} within "
+                                                   f"{plan.limits.max_response} bytes")
+        elif coding not in (b"identity", b""):  # empty: no coding (what treq's decoder leaves behind)
+            return _bad(plan, backend, answer, f"unreadable Content-Encoding {coding.decode('latin-1')[:32]}")
     parsed = plan.parsed
-    usable = answer.code < 500 and _looks_like_json(answer.body, encoding, parsed.is_batch)
-    body: bytes | None = answer.body
-    if usable and parsed.refused:
-        items = answer_items(answer.body, True, len(parsed.calls))
-        body = None if items is None else jsonrpc.encode(jsonrpc.merge_batch(parsed, items))
-    if not usable or body is None:
-        log.warn("request {request_id}: {backend} answered HTTP {code} with an unusable body",
-                 request_id=plan.request_id, backend=backend.name, code=answer.code)
-        return Attempt(backend, "bad_answer", f"HTTP {answer.code} with an unusable body")
-    return Attempt(backend, "ok", answer=answer, body=body, encoding=encoding)
+    refused = parsed.refused
+    try:
+        matched = answers.match(text, parsed.calls, parsed.is_batch, want_pieces=bool(refused))
+    except answers.BadAnswer as failure:
+        return _bad(plan, backend, answer, str(failure))
+    if refused and matched.items is not None:
+        return Attempt(backend, "ok", answer=answer, body=jsonrpc.merge_batch(parsed, matched.pieces),
+                       items=matched.items, errors=True, rewritten=True)
+    if matched.body is not None:
+        return Attempt(backend, "ok", answer=answer, body=matched.body, items=matched.items, errors=matched.errors,
+                       rewritten=True)
+    return Attempt(backend, "ok", answer=answer, body=answer.body, encoding=encoding, items=matched.items,
+                   errors=matched.errors)
 
 
 def answer_reply(result: Attempt, fallback: str | None, attempts: int) -> Reply:
     """The node's answer as the caller gets it: its status, body and headers, minus the hop's own."""
     answer = result.answer
     assert answer is not None
-    headers = tuple((name, value) for name, values in answer.headers.getAllRawHeaders()
-                    if name.lower() not in _DROP_RESPONSE_HEADERS for value in values)
+    drop = _DROP_FROM_REWRITTEN if result.rewritten else _DROP_RESPONSE_HEADERS
+    headers = tuple([pair for pair in answer.headers if pair[0] not in drop])
     if fallback is not None:
         headers += ((b"x-sentinel-fallback", fallback.encode()),)
-    return Reply(answer.code, result.body, headers, result.backend,
-                 _answer_outcome(answer.code, result.body, result.encoding), attempts)
+    code = answer.code
+    return Reply(code, result.body, headers, result.backend, "rpc_error" if code >= 400 or result.errors else "ok",
+                 attempts, items=result.items)
 
 
 def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
@@ -206,7 +217,7 @@ class Failover:
         backend.breaker.begin()
         started = self._clock.seconds()
         try:
-            answer = await self._client.post(backend, plan.body, plan.request_headers(), timeout)
+            answer = await self._client.post(backend, plan.body, plan.headers, timeout)
         except UpstreamError as failure:
             result = Attempt(backend, failure.kind, str(failure))
             log.warn("request {request_id} to {backend} failed: {reason}", request_id=plan.request_id,

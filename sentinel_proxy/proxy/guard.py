@@ -2,8 +2,9 @@
 
 Bodies pass through as bytes: the request is parsed once to validate it and apply the method
 policy, but what goes upstream is the caller's own body (and what comes back is the node's own
-answer), except when some batch items were refused locally, in which case only the allowed items
-go upstream and the answers are merged back in the caller's order.
+answer, checked against the request), except when some batch items were refused locally, in
+which case only the allowed items go upstream (their own bytes, as the caller wrote them) and the
+answers are merged back in the caller's order.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.core import routing
 from sentinel_proxy.proxy.values import Inbound, Limits, Plan, Reply, error_reply
 
-#: Request headers worth passing on; the rest (hop-by-hop, cookies, host) stay with us.
-_FORWARD_REQUEST_HEADERS = (b"content-type", b"content-encoding", b"accept-encoding", b"user-agent")
+_JSON = b"application/json"
 
 
 def _media_type(value: bytes | None) -> bytes:
@@ -47,18 +47,20 @@ def refuse_unavailable(parsed: jsonrpc.ParsedRequest, floor: int | None) -> json
     """
     if not floor:
         return parsed
-    late: dict[int, dict] = {}
+    late: dict[int, tuple[jsonrpc.Call, str]] = {}
     for call in parsed.calls:
-        block = routing.block_needed(call)
+        block = call.block
         if block is not None and block < floor:
-            late[call.position] = routing.unavailable_error(call, block, floor)
+            late[call.position] = call, routing.unavailable_error(call, block, floor)["error"]["message"]
     if not late:
         return parsed
     if not parsed.is_batch:
-        error = late[0]
-        raise jsonrpc.RequestError(jsonrpc.BLOCK_UNAVAILABLE, error["error"]["message"], error["id"])
-    return jsonrpc.ParsedRequest(True, tuple(c for c in parsed.calls if c.position not in late),
-                                 {**parsed.refused, **late})
+        call, message = late[0]
+        raise jsonrpc.RequestError(jsonrpc.BLOCK_UNAVAILABLE, message, call.id)
+    refused = dict(parsed.refused)
+    for position, (call, message) in late.items():
+        refused[position] = jsonrpc.error_bytes(call.id, jsonrpc.BLOCK_UNAVAILABLE, message)
+    return jsonrpc.ParsedRequest(True, tuple(c for c in parsed.calls if c.position not in late), refused, parsed.text)
 
 
 def check(inbound: Inbound, limits: Limits, floor: int | None) -> jsonrpc.ParsedRequest | Reply:
@@ -68,32 +70,35 @@ def check(inbound: Inbound, limits: Limits, floor: int | None) -> jsonrpc.Parsed
     in it needs a node.
     """
     headers = inbound.headers
-    if _media_type(headers.getRawHeaders(b"content-type", [None])[0]) != b"application/json":
+    content_type = headers.get(b"content-type")
+    if content_type != _JSON and _media_type(content_type) != _JSON:
         return error_reply(400, jsonrpc.INVALID_REQUEST, "Content-Type must be application/json")
     if inbound.body_too_large:
         return error_reply(413, jsonrpc.INVALID_REQUEST, f"Request body exceeds {limits.max_body} bytes")
-    content_encoding = headers.getRawHeaders(b"content-encoding", [None])[0]
+    body = inbound.body
+    content_encoding = headers.get(b"content-encoding")
     try:
-        parsed = jsonrpc.parse_request(decode_body(inbound.body, content_encoding, limits.max_body),
-                                       limits.max_batch, limits.policies.get(inbound.route, jsonrpc.DEFAULT_POLICY))
+        if content_encoding is not None:
+            body = decode_body(body, content_encoding, limits.max_body)
+        parsed = jsonrpc.parse_request(body, limits.max_batch, limits.policies.get(inbound.route, jsonrpc.DEFAULT_POLICY))
         parsed = refuse_unavailable(parsed, floor)
     except jsonrpc.RequestError as refusal:
         return Reply(refusal.http_status, refusal.body())
     if not parsed.calls:
-        return Reply(200, jsonrpc.encode(jsonrpc.merge_batch(parsed, [])), batch=parsed.size)
+        return Reply(200, jsonrpc.merge_batch(parsed, {}), batch=parsed.size)
     return parsed
 
 
 def plan(inbound: Inbound, parsed: jsonrpc.ParsedRequest, limits: Limits, deadline: float) -> Plan:
     """What goes upstream: the caller's own bytes, or only the allowed items when some were refused."""
-    headers = inbound.headers
-    forwarded = tuple((name, tuple(values)) for name in _FORWARD_REQUEST_HEADERS
-                      if (values := headers.getRawHeaders(name)))
-    request_id = inbound.caller.request_id
-    forwarded += ((b"x-request-id", (request_id.encode("ascii"),)),)
     if parsed.refused:
-        # Only the allowed items go upstream, re-encoded, and the answer must be parsed to merge it.
-        body = jsonrpc.encode([call.request for call in parsed.calls])
+        # Only the allowed items go upstream, as the caller wrote them; the answer is merged with
+        # the refused items, so it must come back uncompressed.
+        body = jsonrpc.allowed_body(parsed)
+        plain = True
     else:
         body = inbound.body
-    return Plan(inbound.route, parsed, body, forwarded, bool(parsed.refused), request_id, deadline, limits)
+        plain = False
+    calls = parsed.calls
+    return Plan(inbound.route, parsed, body, inbound.headers, plain, inbound.caller.request_id, deadline, limits,
+                jsonrpc.oldest_block(calls), jsonrpc.safe_to_repeat(calls))

@@ -5,10 +5,11 @@ puts them in order, so the order is what there is to read here.
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.interfaces import IForwardingClient, IRateLimiter, IResponseCache
@@ -31,7 +32,9 @@ class RequestPath:
 
     def __init__(self, pool: BackendPool, upstream: IForwardingClient, metrics: Metrics, clock: IReactorTime,
                  limits: Limits, access_log: AccessLog | None = None, cache: IResponseCache | None = None,
-                 volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None, worker: str | None = None):
+                 volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None, worker: str | None = None,
+                 answer_bytes: Callable[[], int] | None = None):
+        self._answer_bytes = answer_bytes  # node answers' bytes over MAX_BUFFERED_ANSWERS_MB (upstream/memory.py)
         self._pool = pool
         self._clock = clock
         self._limits = limits
@@ -59,12 +62,13 @@ class RequestPath:
         """Fires once no request is in flight: graceful shutdown waits on it."""
         return self._in_flight.drained()
 
-    async def handle(self, route: str, body: bytes, headers: Headers, body_too_large: bool = False,
+    async def handle(self, route: str, body: bytes, headers: Mapping[bytes, bytes], body_too_large: bool = False,
                      caller: Caller = Caller("-")) -> Reply:
+        """``headers``: the request's headers, names lower-cased, repeated headers joined with ", "."""
         started = self._clock.seconds()
         inbound = Inbound(route, body, headers, body_too_large, caller)
         limits = self._limits
-        reply = self._in_flight.enter(limits.max_in_flight)
+        reply = self._in_flight.enter(limits.max_in_flight, self._answer_bytes)
         if reply is None:
             try:
                 reply = await self._admitted(inbound, limits)

@@ -17,6 +17,21 @@ def methods_summary(methods: tuple[str, ...], shown: int = 3) -> str:
     return text if len(methods) <= shown else f"{text},+{len(methods) - shown}"
 
 
+#: (name, node type) -> the node's two headers; built once per node and type, not per request.
+_NODE_HEADERS: dict[tuple[str, str], HeaderPairs] = {}
+_ATTEMPTS = tuple(((b"x-sentinel-attempts", str(n).encode("ascii")),) for n in range(16))
+
+
+def _node_headers(name: str, node_type: str) -> HeaderPairs:
+    headers = _NODE_HEADERS.get((name, node_type))
+    if headers is None:
+        headers = ((b"x-sentinel-backend", name.encode("ascii", "replace")),
+                   (b"x-sentinel-node-type", (node_type or "unknown").encode("ascii")))
+        if len(_NODE_HEADERS) < 4096:
+            _NODE_HEADERS[(name, node_type)] = headers
+    return headers
+
+
 def response_headers(reply: Reply, request_id: str, worker: str | None) -> HeaderPairs:
     """What the gateway adds to every reply: the request id to quote in a bug report, which worker
     (with --workers) and which node answered, and after how many attempts."""
@@ -25,9 +40,9 @@ def response_headers(reply: Reply, request_id: str, worker: str | None) -> Heade
         headers += ((b"x-sentinel-worker", worker.encode("ascii")),)
     backend = reply.backend
     if backend is not None:
-        headers += ((b"x-sentinel-backend", backend.name.encode("ascii", "replace")),
-                    (b"x-sentinel-node-type", (backend.node_type or "unknown").encode("ascii")),
-                    (b"x-sentinel-attempts", str(reply.attempts).encode("ascii")))
+        attempts = reply.attempts
+        headers += _node_headers(backend.name, backend.node_type) + (
+            _ATTEMPTS[attempts] if 0 <= attempts < 16 else ((b"x-sentinel-attempts", str(attempts).encode("ascii")),))
     return headers
 
 

@@ -1,21 +1,20 @@
-"""The request path's HTTP client: one ``Agent`` over one tuned pool, answers passed through untouched.
+"""The twisted.web side of upstream traffic: a pooled ``Agent`` and what it connects through.
 
-Why not treq's ``HTTPClient`` here: its ``request`` always wraps the agent in a
-``ContentDecoderAgent`` (which adds ``Accept-Encoding: gzip`` to every call and gunzips every
-answer) and a ``CookieAgent``. The gateway must pass answers through byte for byte, gzip included,
-and must not pay for decoding and cookie handling on every request, so it drives the pooled
-``Agent`` itself. The checks do want decoded answers: they use treq over this same pool
-(:attr:`UpstreamClient.agent`, sentinel_proxy/checks/client.py). The pool is sized for the
-expected concurrency (the default of 2 per host costs up to 190 µs per request, design.md), and
-bodies are written synchronously by :class:`BytesProducer` rather than a ``FileBodyProducer``,
-which waits for a later reactor turn.
+The request path forwards with its own HTTP/1.1 client (:mod:`.http11`), whose connections speak
+nothing else; the checks (sentinel_proxy/checks/) speak treq, which needs an ``IAgent``. They get
+a :class:`PooledAgent` of their own, small, closed at shutdown (so does the treq forwarding
+client, :mod:`.treq_client`, sized like the forwarding pool). Connections are tuned by wrapping
+the endpoints the pool connects through (:class:`UpstreamEndpoint`: TCP_NODELAY, a quiet factory;
+:class:`DirectEndpointFactory`: plain TCP endpoints for IP literals), using only public Twisted
+APIs. Bodies are written synchronously by :class:`BytesProducer` rather than a
+``FileBodyProducer``, which waits for a later reactor turn, and read by :func:`read_body`, which
+bounds them and can close the connection; :func:`bounded` puts a deadline on a whole exchange.
 
-Only public Twisted APIs: connections are tuned by wrapping the endpoints the pool connects
-through (:class:`UpstreamEndpoint`), not by replacing the pool's private protocol factory.
+:class:`UpstreamResponse` and :class:`UpstreamError` live in :mod:`.response` and are importable
+from here too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.internet import defer
@@ -36,12 +35,13 @@ from twisted.web.client import (
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from sentinel_proxy.interfaces import IForwardingClient
-from sentinel_proxy.state.backends import Backend
+from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
+
+__all__ = ["BytesProducer", "PooledAgent", "DirectEndpointFactory", "UpstreamEndpoint", "UpstreamError",
+           "UpstreamResponse", "bounded", "read_body"]
 
 T = TypeVar("T")
 
@@ -71,9 +71,10 @@ class BytesProducer:
 
 
 class _BodyCollector(Protocol):
-    def __init__(self, finished: defer.Deferred[bytes], limit: int):
+    def __init__(self, finished: defer.Deferred[bytes], limit: int, counted: Any):
         self._finished = finished
         self._limit = limit
+        self._counted = counted
         self._size = 0
         self._chunks: list[bytes] = []
 
@@ -86,6 +87,8 @@ class _BodyCollector(Protocol):
             self.transport.stopProducing()
             return
         self._chunks.append(data)
+        if self._counted is not None:
+            self._counted(len(data))
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if self._finished.called:  # cancelled or cut off: the caller has moved on
@@ -96,8 +99,9 @@ class _BodyCollector(Protocol):
             self._finished.errback(reason)
 
 
-def read_body(response: IResponse, limit: int = 1 << 62) -> defer.Deferred[bytes]:
+def read_body(response: IResponse, limit: int = 1 << 62, counted: Any = None) -> defer.Deferred[bytes]:
     """Collect a response body of at most ``limit`` bytes; cancelling closes the connection.
+    ``counted(n)``, if given, is told of every ``n`` bytes kept.
 
     ``twisted.web.client.readBody`` cannot close it here (the body's transport has no
     ``abortConnection``; it warns on every call instead), nor can treq's ``collect``/``content``
@@ -109,7 +113,7 @@ def read_body(response: IResponse, limit: int = 1 << 62) -> defer.Deferred[bytes
             collector.transport.stopProducing()
 
     finished: defer.Deferred[bytes] = defer.Deferred(cancel)
-    collector = _BodyCollector(finished, limit)
+    collector = _BodyCollector(finished, limit, counted)
     response.deliverBody(collector)
     return finished
 
@@ -180,24 +184,6 @@ class DirectEndpointFactory:
         return UpstreamEndpoint(endpoint)
 
 
-class UpstreamError(Exception):
-    """The node gave no usable answer: ``kind`` is "timeout", "connect", "transport" or "too_large".
-
-    Only "connect" proves the request never reached the node (what makes a write safe to retry).
-    """
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
-    code: int
-    headers: Headers
-    body: bytes
-
-
 def _timed_out(result: Any, timeout: float) -> Failure:
     return Failure(UpstreamError("timeout", f"no answer within {timeout:g} s"))
 
@@ -230,45 +216,25 @@ async def bounded(exchange: defer.Deferred[T], timeout: float, clock: IReactorTi
         raise UpstreamError("transport", f"connection failed: {exc.__class__.__name__}") from None
 
 
-@implementer(IForwardingClient)
-class UpstreamClient:
-    def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
-                 agent: IAgent | None = None, connect_timeout: float = 2.0, max_response_bytes: int = 1 << 25):
-        self._reactor = reactor
-        self._pool: HTTPConnectionPool | None = None
-        self._max_response = max_response_bytes
-        if agent is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool.maxPersistentPerHost = max_connections
-            self._pool.cachedConnectionTimeout = idle_timeout
-            self._pool.retryAutomatically = False  # only the request path decides what is retried
-            agent = Agent.usingEndpointFactory(reactor, DirectEndpointFactory(reactor, connect_timeout),
-                                               pool=self._pool)
-        self._agent = agent
+class PooledAgent:
+    """An ``Agent`` over a keep-alive pool (treq's ``HTTPClient`` runs over :attr:`agent`),
+    closed by :meth:`close` at shutdown.
 
-    @property
-    def agent(self) -> IAgent:
-        """The pooled agent, for the checks' treq client: one pool, with its TCP_NODELAY and
-        connect timeout, for the request path and the control plane."""
-        return self._agent
+    The checks' is small (the default): a health round is one batch per node and an integrity
+    round one call per node, so two connections per node suffice. Idle connections close after
+    ``idle_timeout``, before the node's own keep-alive timeout ends them under a request. No
+    automatic retry: only the caller decides what is repeated.
+    """
 
-    async def _post(self, backend: Backend, body: bytes, headers: Headers, limit: int) -> UpstreamResponse:
-        if backend.authorization is not None:
-            headers.setRawHeaders(b"authorization", [backend.authorization])
-        response = await self._agent.request(b"POST", backend.target, headers, BytesProducer(body))
-        content = await read_body(response, limit)
-        return UpstreamResponse(response.code, response.headers, content)
-
-    async def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float,
-                   limit: int | None = None) -> UpstreamResponse:
-        """POST ``body`` to the node; the whole exchange, body included, is bounded by ``timeout``,
-        and the answer by ``limit`` bytes (default MAX_RESPONSE_BYTES)."""
-        return await bounded(defer.Deferred.fromCoroutine(
-            self._post(backend, body, headers, self._max_response if limit is None else limit)),
-            timeout, self._reactor)
+    def __init__(self, reactor: Any, max_connections: int = 2, idle_timeout: float = 4.0,
+                 connect_timeout: float = 2.0):
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = max_connections
+        self._pool.cachedConnectionTimeout = idle_timeout
+        self._pool.retryAutomatically = False
+        self.agent: IAgent = Agent.usingEndpointFactory(reactor, DirectEndpointFactory(reactor, connect_timeout),
+                                                        pool=self._pool)
 
     def close(self) -> defer.Deferred[None]:
         """Drop pooled connections, so shutdown leaves no sockets behind."""
-        if self._pool is None:
-            return defer.succeed(None)
         return self._pool.closeCachedConnections()

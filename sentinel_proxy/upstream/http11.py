@@ -1,18 +1,23 @@
 """A forwarding HTTP/1.1 client built for one job: POST a body to a node, bring its answer back untouched.
 
-Why not twisted.web's ``Agent`` (:class:`~sentinel_proxy.upstream.client.UpstreamClient`): profiled
+Why not twisted.web's ``Agent`` (which the gateway used before; the checks still do): profiled
 at ~400 µs CPU per gateway request, ``Agent.request`` took ~26 % and parsing the node's answer
 (``HTTPClientParser``, line by line in Python, one Deferred chain per stage) ~20 %. A bare
 pass-through built from raw Twisted protocols with an httptools parser measured 38 µs per request
 in total. This client is that pass-through: the request is one prepared bytes object and one
 ``transport.write``; the answer is parsed by llhttp (httptools) in C, whose callbacks only collect
 slices; the caller's Deferred is fired directly from ``dataReceived``. Per request it creates the
-Deferred, the timeout's DelayedCall, the request bytes and the answer (its ``Headers`` and body):
+Deferred, the timeout's DelayedCall, the request bytes and the answer (its header pairs and body):
 nothing else. All per-request state lives on the connection's protocol (one request at a time).
+
+Memory: every answer's bytes are counted in an :class:`~sentinel_proxy.upstream.memory.AnswerMemory`
+from the moment they are known until the answer has been handed over (admission reads the count),
+and a body whose length the node announces is received into one buffer of that size, never joined
+from pieces (sentinel_proxy/upstream/memory.py says why).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
@@ -20,20 +25,20 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.state.backends import Backend
-from sentinel_proxy.upstream.client import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.memory import PREALLOCATE_FROM, AnswerMemory, fill, finished, new_body
 from sentinel_proxy.upstream.pool import NodePool
+from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
 
 #: Bound on an answer's status line and headers (llhttp itself sets none): a node streaming
 #: headers forever must not grow memory until the deadline.
 MAX_HEAD_BYTES = 1 << 20
 
-#: Kept out of the answer's ``Headers``, as twisted's ``HTTPClientParser`` does: they describe
-#: the connection to the node, not the answer (and the request path drops them anyway).
+#: Kept out of the answer's headers, as twisted's ``HTTPClientParser`` does: they describe the
+#: connection to the node, not the answer (and the request path drops them anyway).
 CONNECTION_CONTROL_HEADERS = frozenset({b"content-length", b"connection", b"keep-alive", b"te", b"trailers",
                                         b"transfer-encoding", b"upgrade", b"proxy-connection"})
 
@@ -49,12 +54,16 @@ class _Connection(Protocol):
     ``pooled``, ``idle_since`` and ``when_lost`` are the pool's; the rest is private.
     """
 
-    __slots__ = ("_node", "_parser", "_deferred", "_request", "_limit", "_timer", "_connecting", "_reused",
-                 "_ready", "_answered", "_head", "_head_done", "_framed", "_headers", "_chunks", "_size",
-                 "_response", "_keep", "_gone", "pooled", "idle_since")
+    __slots__ = ("_node", "_memory", "_parser", "_deferred", "_request", "_limit", "_timer", "_connecting",
+                 "_reused", "_ready", "_answered", "_head", "_head_done", "_framed", "_length", "_headers",
+                 "_chunks", "_body", "_address", "_size", "_counted", "_response", "_keep", "_gone", "pooled",
+                 "idle_since")
 
-    def __init__(self, node: NodePool):
+    def __init__(self, node: NodePool, memory: AnswerMemory):
         self._node = node
+        self._memory = memory
+        self._counted = 0  # bytes of the current answer counted in ``memory``
+        self._body: Any = None
         self._parser = HttpResponseParser(self)
         self._deferred: defer.Deferred[UpstreamResponse] | None = None
         self._request: bytes | None = None
@@ -77,6 +86,9 @@ class _Connection(Protocol):
         self._head = 0
         self._head_done = False
         self._framed = False
+        self._length = -1
+        self._body = None
+        self._counted = 0
         self._response = None
         self._keep = False
 
@@ -119,19 +131,32 @@ class _Connection(Protocol):
             connecting.cancel()
         elif self.transport is not None:
             self.transport.abortConnection()
+        counted, self._counted = self._counted, 0
+        self._body = self._chunks = None
         deferred.errback(error)
+        if counted:
+            self._memory.give_back(counted)
 
     def _end(self, outcome: UpstreamResponse | UpstreamError) -> None:
-        """Fire the caller's Deferred with the outcome; the connection is already dealt with."""
+        """Fire the caller's Deferred with the outcome; the connection is already dealt with.
+
+        The answer's bytes stay counted until the hand-over returns: the request path writes the
+        reply to the caller within it. (The connection may carry a new request by then: its
+        count was taken first.)
+        """
         deferred = self._deferred
         self._deferred = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        counted, self._counted = self._counted, 0
+        self._body = self._chunks = None
         if type(outcome) is UpstreamResponse:
             deferred.callback(outcome)
         else:
             deferred.errback(outcome)
+        if counted:
+            self._memory.give_back(counted)
 
     def _connect_failed(self, reason: Failure) -> None:
         self._connecting = None
@@ -194,7 +219,7 @@ class _Connection(Protocol):
             return
         if self._head_done and not self._framed and reason.check(ConnectionDone):
             # No Content-Length, not chunked: the answer is whatever came before the close.
-            self._end(UpstreamResponse(self._parser.get_status_code(), self._headers, b"".join(self._chunks)))
+            self._end(UpstreamResponse(self._parser.get_status_code(), tuple(self._headers), b"".join(self._chunks)))
         elif not self._ready:
             self._end(UpstreamError("connect", f"cannot connect: TLS handshake failed ({reason.type.__name__})"))
         elif self._answered:
@@ -216,37 +241,60 @@ class _Connection(Protocol):
         if self._response is not None:  # a second answer to one request: stop, never reuse
             self._keep = False
             raise _Stop()
-        self._headers = Headers()
-        self._chunks: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: list[bytes] | None = []
         self._size = 0
         self._framed = False
+        self._length = -1
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Public Headers API only: addRawHeader costs ~0.5 µs a header (it re-canonicalises the
-        # name and re-sanitises the value); filling Headers' private dict measured ~0.2 µs, not
-        # worth depending on twisted's internals.
         lowered = name.lower()
         if lowered not in CONNECTION_CONTROL_HEADERS:
-            self._headers.addRawHeader(name, value)
-        elif lowered == b"content-length" or lowered == b"transfer-encoding" and b"chunked" in value.lower():
+            self._headers.append((lowered, value))
+        elif lowered == b"content-length":
+            self._framed = True
+            self._length = int(value)  # llhttp has checked the digits (and refuses a second one)
+        elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        if self._parser.get_status_code() >= 200:
-            self._head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self._size += len(body)
-        if self._size > self._limit:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return
+        self._head_done = True
+        length = self._length
+        if length > self._limit:  # refused before a byte of it is read
             self._fail(UpstreamError("too_large", f"answer exceeds {self._limit} bytes"))
             raise _Stop()
-        self._chunks.append(body)
+        if length > PREALLOCATE_FROM and status != 204 and status != 304:
+            self._body, self._address = new_body(length)
+            self._limit = length  # llhttp delivers no more than that; the bound makes sure
+            self._memory.take(length)
+            self._counted += length
+
+    def on_body(self, body: bytes) -> None:
+        offset = self._size
+        size = self._size = offset + len(body)
+        if size > self._limit:
+            self._fail(UpstreamError("too_large", f"answer exceeds {self._limit} bytes"))
+            raise _Stop()
+        if self._body is not None:
+            fill(self._body, self._address, offset, body)
+        else:
+            self._chunks.append(body)
+            self._memory.take(len(body))
+            self._counted += len(body)
 
     def on_message_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue, 103 Early Hints: the real answer follows
             return
-        self._response = UpstreamResponse(status, self._headers, b"".join(self._chunks))
+        if self._body is not None:
+            body, self._body = finished(self._body, self._size), None
+        else:
+            body = b"".join(self._chunks)
+        self._chunks = None
+        self._response = UpstreamResponse(status, tuple(self._headers), body)
         self._keep = self._parser.should_keep_alive()
 
 
@@ -268,21 +316,23 @@ def _ignore(_: object) -> None:
 
 @implementer(IForwardingClient)
 class FastForwardingClient:
-    """Drop-in for ``UpstreamClient`` on the request path (``post`` and ``close``).
+    """The gateway's forwarding client (``UPSTREAM_CLIENT=fast``, the default).
 
     ``post`` returns a plain Deferred, not a coroutine: awaiting it costs the caller the same, and
     no coroutine driver runs in between. Cancelling it aborts the socket and fails it with
-    ``CancelledError``. ``trust_root`` is for https nodes with a private CA (default: the
-    platform's); ``probe_idle_after`` see :meth:`NodePool.checkout`.
+    ``CancelledError``. ``memory`` counts the answers' bytes (the request path's admission reads
+    it; default: a count of its own, without a cap). ``trust_root`` is for https nodes with a
+    private CA (default: the platform's); ``probe_idle_after`` see :meth:`NodePool.checkout`.
     """
 
     __slots__ = ("_reactor", "_nodes", "_max_idle", "_idle_timeout", "_connect_timeout", "_max_response",
-                 "_probe_after", "_trust_root")
+                 "_probe_after", "_trust_root", "memory")
 
     def __init__(self, reactor: IReactorTime, max_connections: int = 128, idle_timeout: float = 4.0,
                  connect_timeout: float = 2.0, max_response_bytes: int = 1 << 25, *, trust_root: Any = None,
-                 probe_idle_after: float = 0.5):
+                 probe_idle_after: float = 0.5, memory: AnswerMemory | None = None):
         self._reactor = reactor
+        self.memory = memory if memory is not None else AnswerMemory(1 << 62)
         self._nodes: dict[bytes, NodePool] = {}
         self._max_idle = max_connections
         self._idle_timeout = idle_timeout
@@ -296,17 +346,17 @@ class FastForwardingClient:
                                               self._connect_timeout, self._probe_after, self._trust_root)
         return node
 
-    def post(self, backend: Backend, body: bytes, headers: Headers, timeout: float,
+    def post(self, backend: Backend, body: bytes, headers: Sequence[tuple[bytes, bytes]], timeout: float,
              limit: int | None = None) -> defer.Deferred[UpstreamResponse]:
-        """POST ``body`` to the node; the whole exchange is bounded by ``timeout``, the answer's body
-        by ``limit`` bytes (default ``max_response_bytes``)."""
+        """POST ``body`` with ``headers`` ((name, value) pairs) to the node; the whole exchange is
+        bounded by ``timeout``, the answer's body by ``limit`` bytes (default ``max_response_bytes``)."""
         node = self._nodes.get(backend.target) or self._node(backend.target)
         request = node.request(body, headers, backend.authorization)
         if limit is None:
             limit = self._max_response
         conn = node.checkout()
         if conn is None:
-            conn = _Connection(node)
+            conn = _Connection(node, self.memory)
             deferred: defer.Deferred[UpstreamResponse] = defer.Deferred(conn.cancel)
             conn.dial(deferred, request, limit, self._reactor.callLater(timeout, conn.expire, timeout))
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -23,10 +23,11 @@ if TYPE_CHECKING:
     from sentinel_proxy.upstream.http11 import _Connection
 
 #: Headers the client writes itself (framing, routing) or that describe the caller's own
-#: connection; a caller's copy would corrupt the request's framing. Canonical ``Headers`` case.
-HOP_BY_HOP = frozenset({b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Keep-Alive",
-                        b"Upgrade", b"Te", b"Trailer", b"Proxy-Connection"})
-HOP_BY_HOP_AND_AUTH = HOP_BY_HOP | {b"Authorization"}
+#: connection; a caller's copy would corrupt the request's framing. Lower case: names are
+#: compared lower-cased, whatever case the caller's pairs use.
+HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+                        b"upgrade", b"te", b"trailer", b"proxy-connection"})
+HOP_BY_HOP_AND_AUTH = HOP_BY_HOP | {b"authorization"}
 
 
 def node_endpoint(reactor: Any, scheme: str, host: str, port: int, connect_timeout: float,
@@ -76,18 +77,18 @@ class NodePool:
         self._sweeper: Any = None
         self.closed = False
 
-    def request(self, body: bytes, headers: Any, authorization: bytes | None) -> bytes:
-        """The whole request as one bytes object, written in one ``transport.write``.
+    def request(self, body: bytes, headers: Iterable[tuple[bytes, bytes]], authorization: bytes | None) -> bytes:
+        """The whole request as one bytes object, written in one ``transport.write``; ``headers``
+        are (name, value) pairs, written as given minus the ones the client writes itself.
 
         Twisted's agent writes headers and body separately; with Nagle on, the body waited for
         the node's delayed ACK (+23 ms p50). One write needs no such luck.
         """
         parts = [self.head]
         skip = HOP_BY_HOP if authorization is None else HOP_BY_HOP_AND_AUTH
-        for name, values in headers.getAllRawHeaders():
-            if name not in skip:
-                for value in values:
-                    parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            if name.lower() not in skip:
+                parts += (name, b": ", value, b"\r\n")
         if authorization is not None:
             parts += (b"Authorization: ", authorization, b"\r\n")
         parts += (b"Content-Length: %d\r\n\r\n" % len(body), body)

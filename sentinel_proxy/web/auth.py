@@ -10,7 +10,8 @@ import hmac
 import re
 from dataclasses import dataclass
 from random import getrandbits as _random_bits  # ids need to be unique, not secret: no syscall
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.server import Request
 
@@ -22,21 +23,62 @@ from sentinel_proxy.stores.ratelimit import client_ip
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}\Z")
 
 
-def request_id_of(request: Request) -> str:
+def peer_address(host: str | None) -> str:
+    """The connection's address as :func:`caller_from` takes it: normalised once per connection
+    (IPv6 compressed, IPv4-mapped folded to IPv4), ``-`` when there is none (a UNIX socket)."""
+    return client_ip(host, None, ()) if host else "-"
+
+
+def request_id_from(given: bytes | None) -> str:
     """The caller's X-Request-ID when it is safe to reuse, else a fresh random one."""
-    given = request.getHeader(b"x-request-id")
     if given is not None and _REQUEST_ID.match(given):
         return given.decode("ascii")
     return f"{_random_bits(64):016x}"
 
 
-def caller_of(request: Request, trusted_proxies: tuple[Any, ...] = ()) -> Caller:
-    """Who is asking: the connection's address, or X-Forwarded-For's client when the connection
-    comes from a trusted proxy; and the API key from ``X-API-Key`` or ``?key=``."""
-    peer = getattr(request.getClientAddress(), "host", None) or "-"
-    address = client_ip(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), trusted_proxies)
-    key = request.getHeader(b"x-api-key") or (request.args.get(b"key") or [None])[0]
-    return Caller(request_id_of(request), address, key.decode("utf-8", "replace") if key is not None else None)
+def query_value(query: bytes, name: bytes) -> bytes | None:
+    """The first value of ``name`` in a query string, read as twisted.web reads ``request.args``
+    (``twisted.web.http.parse_qs(query, 1)``: fields split on ``&`` and ``;``, a field without
+    ``=`` skipped, blank values kept), without parsing the other fields."""
+    for part in query.split(b"&"):
+        for field in part.split(b";"):
+            key, equals, value = field.partition(b"=")
+            if equals and unquote_to_bytes(key.replace(b"+", b" ")) == name:
+                return unquote_to_bytes(value.replace(b"+", b" "))
+    return None
+
+
+def caller_from(peer: str, headers: Mapping[bytes, bytes], query: bytes = b"",
+                trusted_proxies: Sequence[Any] = ()) -> Caller:
+    """Who is asking, from plain values: ``peer`` as :func:`peer_address` gives it, ``headers`` the
+    request's header names lower-cased to their values (a repeated header joined by ``", "``),
+    ``query`` the raw query string (no ``?``).
+
+    The address is the peer's, or X-Forwarded-For's client when the peer is a trusted proxy
+    (:func:`~sentinel_proxy.stores.ratelimit.client_ip`); the API key is ``X-API-Key``'s, else
+    ``?key=``'s. Pure, so the lean server (web/server.py) and twisted.web requests share it.
+    """
+    forwarded = headers.get(b"x-forwarded-for")
+    address = peer if forwarded is None else client_ip(peer, [forwarded], trusted_proxies)
+    key = headers.get(b"x-api-key") or (query_value(query, b"key") if query else None)
+    return Caller(request_id_from(headers.get(b"x-request-id")), address,
+                  key.decode("utf-8", "replace") if key is not None else None)
+
+
+#: The headers :func:`caller_from` reads: all the twisted.web adapter copies out of a request.
+_CALLER_HEADERS = (b"x-request-id", b"x-forwarded-for", b"x-api-key")
+
+
+def caller_of(request: Request, trusted_proxies: Sequence[Any] = ()) -> Caller:
+    """:func:`caller_from` for a twisted.web request (the routes the lean server hands off)."""
+    headers = {}
+    raw = request.requestHeaders
+    for name in _CALLER_HEADERS:
+        values = raw.getRawHeaders(name)
+        if values:
+            headers[name] = b", ".join(values)
+    host = getattr(request.getClientAddress(), "host", None)
+    return caller_from(peer_address(host), headers, request.uri.partition(b"?")[2], trusted_proxies)
 
 
 def token_matches(given: bytes | None, token: str) -> bool:
@@ -64,6 +106,10 @@ class Access:
 
     def caller(self, request: Request) -> Caller:
         return caller_of(request, self._settings().trusted_proxies)
+
+    def caller_from(self, peer: str, headers: Mapping[bytes, bytes], query: bytes) -> Caller:
+        """:func:`caller_from` with the running TRUSTED_PROXIES (a reload may change them)."""
+        return caller_from(peer, headers, query, self._settings().trusted_proxies)
 
     def refusal(self, request: Request, for_status: bool = False) -> Refusal | None:
         """None when the request may go on. Admin routes: 404 when admin is off (the routes do not

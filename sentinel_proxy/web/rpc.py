@@ -5,12 +5,11 @@ the request path, profiled with py-spy): the routes that carry all the traffic s
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -27,8 +26,17 @@ RPC_ROUTES = {b"/": "/", b"/archiver": "/archiver", b"/pruned": "/pruned"}
 class RequestHandler(Protocol):
     """The request path, as the web layer calls it."""
 
-    async def handle(self, route: str, body: bytes, headers: Headers, body_too_large: bool,
+    async def handle(self, route: str, body: bytes, headers: Mapping[bytes, bytes], body_too_large: bool,
                      caller: Caller) -> Reply: ...
+
+
+def header_map(request: Request) -> dict[bytes, bytes]:
+    """The request's headers as the request path takes them: names lower-cased, a repeated
+    header's values joined with ", "."""
+    headers = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        headers[name.lower()] = values[0] if len(values) == 1 else b", ".join(values)
+    return headers
 
 
 def write_reply(request: Request, reply: Reply) -> bytes:
@@ -78,6 +86,6 @@ class RpcResource(Resource):
         return NOT_DONE_YET
 
     async def _proxy(self, request: Request, route: str) -> bytes:
-        reply = await self._handler.handle(route, request.content.read(), request.requestHeaders,
+        reply = await self._handler.handle(route, request.content.read(), header_map(request),
                                            getattr(request, "body_too_large", False), self._access.caller(request))
         return write_reply(request, reply)

@@ -32,7 +32,7 @@ class ClientConnections:
         finished a moment before the end of a drain would never reach its caller.
         """
         for connection in list(self.protocols):
-            connection.transport.loseConnection()
+            connection.loseConnection()
         deadline = clock.seconds() + timeout
         while self.protocols and clock.seconds() < deadline:
             await task.deferLater(clock, 0.01, lambda: None)
