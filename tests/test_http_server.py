@@ -20,11 +20,13 @@ from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from sentinel_proxy import twisted_private
 from sentinel_proxy.config import load_settings
 from sentinel_proxy.proxy.values import JSON_HEADERS, Caller, Reply
 from sentinel_proxy.web.auth import Access, caller_from, caller_of, peer_address, query_value
 from sentinel_proxy.web.rpc import RpcResource
 from sentinel_proxy.web.reading import MAX_HEAD_BYTES, MAX_HEADERS
+from sentinel_proxy.web import server as server_module
 from sentinel_proxy.web.server import LeanServerFactory
 from sentinel_proxy.web.site import make_site
 from tests.http_raw import Answer, RawClient, answers, connect
@@ -180,8 +182,9 @@ def by_site(answer: Answer) -> bool:
     return answer.headers.get(b"server", b"").startswith(b"TwistedWeb")
 
 
-def count_writes(served: Served) -> list[bytes]:
-    """What the server writes on its one connection from now on, write by write."""
+def count_writes(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What the server writes on its one connection from now on, write by write (through Twisted's
+    buffer, or straight to the socket with ``write_now``)."""
     transport = served.server_protocol().transport
     writes: list[bytes] = []
     original = transport.write
@@ -190,7 +193,13 @@ def count_writes(served: Served) -> list[bytes]:
         writes.append(data)
         original(data)
 
+    def write_now(to: object, data: bytes) -> None:
+        if to is transport:
+            writes.append(data)
+        twisted_private.write_now(to, data)
+
     transport.write = write
+    monkeypatch.setattr(server_module, "write_now", write_now)
     return writes
 
 
@@ -198,13 +207,13 @@ def count_writes(served: Served) -> list[bytes]:
 
 
 @ensure
-async def test_a_post_is_answered_in_one_write_with_its_length(serve):
+async def test_a_post_is_answered_in_one_write_with_its_length(serve, monkeypatch):
     served = await serve()
     client = await served.client()
     await wait_for(lambda: len(served.connections) == 1, what="the connection")
     protocol = served.server_protocol()
     assert ITCPTransport.providedBy(protocol.transport) and protocol.transport.getTcpNoDelay()
-    writes = count_writes(served)
+    writes = count_writes(served, monkeypatch)
     client.send(post(b'{"id":1}', extra=b"X-Repeated: a\r\nx-repeated: b\r\n"))
     (answer,) = await client.answer_count(1)
     assert answer.status == 200 and answer.json() == {"route": "/", "body": '{"id":1}'} and not by_site(answer)
@@ -266,11 +275,11 @@ async def test_chunked_and_gzip_bodies_reach_the_request_path_as_they_came(serve
 
 
 @ensure
-async def test_pipelined_posts_are_answered_in_order_when_the_first_is_slower(serve):
+async def test_pipelined_posts_are_answered_in_order_when_the_first_is_slower(serve, monkeypatch):
     served = await serve()
     client = await served.client()
     await wait_for(lambda: len(served.connections) == 1, what="the connection")
-    writes = count_writes(served)
+    writes = count_writes(served, monkeypatch)
     client.send(post(b"hold-1") + post(b"fast-2") + post(b"fast-3"))
     await wait_for(lambda: len(served.path.calls) == 3, what="all three requests handled concurrently")
     assert writes == [] and client.received == b"", "answers 2 and 3 wait for answer 1"

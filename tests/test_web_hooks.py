@@ -1,7 +1,7 @@
 """The Twisted hooks the web layer is built on, checked against the installed Twisted.
 
 If a release changes one, these fail, rather than the gateway quietly losing its body bound
-(``BoundedRequest``, the one non-public hook: sentinel_proxy/web/twisted_private.py), its drain
+(``BoundedRequest``, the one non-public hook: sentinel_proxy/twisted_private.py), its drain
 (``ClientChannel`` must report every connection, with Nagle off, and closing one
 must still send what was written to it), or its access-log switch-off (``GatewaySite.log``).
 """
@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sentinel_proxy.web.site import ClientConnections, GatewaySite, make_site
-from sentinel_proxy.web.twisted_private import BoundedRequest
+from sentinel_proxy.twisted_private import BoundedRequest
 from tests.support import http as exchange
 from tests.support import wait_for
 
@@ -97,7 +97,7 @@ def chunked(body: bytes, size: int = 300) -> bytes:
 def test_twisted_still_declares_the_hooks_bounded_request_overrides():
     declared = getattr(http, "_IDeprecatedHTTPChannelToRequestInterface", None)
     assert declared is not None and {"gotLength", "handleContentChunk"} <= set(declared.names()), \
-        "Twisted changed how HTTPChannel hands a body to its Request: re-check web/twisted_private.py"
+        "Twisted changed how HTTPChannel hands a body to its Request: re-check sentinel_proxy/twisted_private.py"
 
 
 @ensure

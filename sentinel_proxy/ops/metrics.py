@@ -5,15 +5,24 @@ depend on them. Per-backend state (health, lag, verdicts, quarantines) is read f
 scrape time instead of being pushed on every change, so the request path never touches it.
 Labels taken from requests are bounded: a JSON-RPC method outside :data:`KNOWN_METHODS` counts as
 "other", so a caller cannot create series at will. docs/metrics.md lists every metric.
+
+The request path's metrics (everything counted per request or per attempt) are plain numbers in
+dicts keyed by label tuples, updated without locks (the reactor is one thread, and so is each
+--workers process) and turned into metric families only when /metrics is scraped, by
+:class:`RequestCollector`. prometheus_client's own objects cost a lock per sample, a label
+look-up and a bucket walk per observation: ~15 % of the gateway's CPU per request. The
+exposition is the one those objects would give for the same observations (tests/test_metrics.py).
+The rarely updated check metrics stay prometheus_client objects.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from bisect import bisect_left
+from typing import Generic, Iterable, Iterator, Sequence, TypeVar
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import INF, floatToGoString
 
 from sentinel_proxy.state.backends import BackendPool
 
@@ -55,6 +64,8 @@ QUARANTINE_REASONS = ("lag", "chain")
 NODE_TYPES = ("archiver", "pruned")
 BREAKER_STATES = ("closed", "open", "half-open")
 BATCH_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
+#: prometheus_client's default histogram buckets (``Histogram.DEFAULT_BUCKETS``).
+DEFAULT_BUCKETS = Histogram.DEFAULT_BUCKETS
 
 
 def method_label(method: str) -> str:
@@ -140,6 +151,192 @@ class StoreCollector(Collector):
             yield family
 
 
+class CountValue:
+    """One counter series (a prometheus_client counter child's ``inc``, without its lock)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class GaugeValue:
+    """One gauge series: ``inc``, ``dec`` and ``set`` as on a prometheus_client gauge, without its lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class HistogramValue:
+    """One histogram series: the count of each bucket (not cumulated: a scrape cumulates) and the sum.
+
+    An observation goes in the first bucket whose upper bound is >= it (Prometheus buckets are
+    ``le``), as prometheus_client's ``Histogram.observe`` puts it; ``bisect_left`` finds that bucket.
+    (One difference: a NaN, which no clock gives, lands in the first bucket; prometheus_client
+    counts it in none.)
+    """
+
+    __slots__ = ("counts", "sum", "bounds")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+def upper_bounds(buckets: Sequence[float]) -> tuple[float, ...]:
+    """The bounds as prometheus_client's ``Histogram`` keeps them: floats, sorted, +Inf last."""
+    bounds = [float(b) for b in buckets]
+    if bounds != sorted(bounds):
+        raise ValueError("Buckets not in sorted order")
+    if not bounds or bounds[-1] != INF:
+        bounds.append(INF)
+    if len(bounds) < 2:
+        raise ValueError("Must have at least two buckets")
+    return tuple(bounds)
+
+
+S = TypeVar("S", CountValue, GaugeValue, HistogramValue)
+F = TypeVar("F", bound="Family")
+
+
+class Family(Generic[S]):
+    """A metric and its series, keyed by their label values (a tuple of str, in label-name order).
+
+    ``labels(...)`` works as on a prometheus_client metric, for the callers that count rare events
+    (failovers, hedges, breaker transitions); the request path reads ``series`` directly.
+    """
+
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.series: dict[tuple[str, ...], S] = {}
+        if not self.labelnames:
+            self.series[()] = self._new()
+
+    def _new(self) -> S:
+        raise NotImplementedError
+
+    def child(self, key: tuple[str, ...]) -> S:
+        """The series of ``key`` (label values already str), created at zero on first use."""
+        found = self.series.get(key)
+        if found is None:
+            found = self.series[key] = self._new()
+        return found
+
+    def labels(self, *values: object, **named: object) -> S:
+        if named:
+            if values:
+                raise ValueError("Can't pass both *args and **kwargs")
+            if set(named) != set(self.labelnames):
+                raise ValueError("Incorrect label names")
+            values = tuple(named[name] for name in self.labelnames)
+        if len(values) != len(self.labelnames):
+            raise ValueError("Incorrect label count")
+        return self.child(tuple(str(value) for value in values))
+
+    def family(self) -> Metric:
+        raise NotImplementedError
+
+
+class CounterFamily(Family[CountValue]):
+    kind = "counter"
+
+    def _new(self) -> CountValue:
+        return CountValue()
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in list(self.series.items()):
+            family.add_metric(key, series.value)
+        return family
+
+
+class GaugeFamily(Family[GaugeValue]):
+    kind = "gauge"
+
+    def _new(self) -> GaugeValue:
+        return GaugeValue()
+
+    def family(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in list(self.series.items()):
+            family.add_metric(key, series.value)
+        return family
+
+
+class HistogramFamily(Family[HistogramValue]):
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
+                 buckets: Sequence[float] = DEFAULT_BUCKETS):
+        self.bounds = upper_bounds(buckets)
+        self._les = tuple(floatToGoString(bound) for bound in self.bounds)
+        super().__init__(name, documentation, labelnames)
+
+    def _new(self) -> HistogramValue:
+        return HistogramValue(self.bounds)
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        les = self._les
+        for key, series in list(self.series.items()):
+            cumulated, total = [], 0
+            for le, count in zip(les, series.counts):
+                total += count
+                cumulated.append((le, total))
+            family.add_metric(key, cumulated, series.sum)
+        return family
+
+
+class RequestCollector(Collector):
+    """Exports the families above at scrape time, in the order they were made."""
+
+    def __init__(self) -> None:
+        self.families: list[Family] = []
+
+    def add(self, family: F) -> F:
+        self.families.append(family)
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+    def describe(self) -> Iterator[Metric]:
+        """The names, without the samples: lets the registry refuse a duplicate name."""
+        for family in self.families:
+            if family.kind == "counter":
+                yield CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
+            elif family.kind == "gauge":
+                yield GaugeMetricFamily(family.name, family.documentation, labels=family.labelnames)
+            else:
+                yield HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
+
+
 class Metrics:
     def __init__(self, pool: BackendPool, registry: CollectorRegistry | None = None):
         # No ``*_created`` series: the Go prototype never had them, and they double every counter's
@@ -147,73 +344,123 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        hot = RequestCollector()
+        add = hot.add
         # The prototype's request metrics (contract: names and labels unchanged).
-        self.requests = Counter("sentinel_proxy_requests", "Proxied requests", ["method", "status", "backend"],
-                                registry=r)
-        self.duration = Histogram("sentinel_proxy_request_duration_seconds", "Proxied request duration",
-                                  ["method", "backend"], registry=r)
+        self.requests = add(CounterFamily("sentinel_proxy_requests", "Proxied requests",
+                                          ["method", "status", "backend"]))
+        self.duration = add(HistogramFamily("sentinel_proxy_request_duration_seconds", "Proxied request duration",
+                                            ["method", "backend"]))
         # Ours.
-        self.rpc_requests = Counter("sentinel_proxy_rpc_requests", "HTTP requests to the RPC routes by outcome",
-                                    ["route", "outcome"], registry=r)
-        self.rpc_duration = Histogram("sentinel_proxy_rpc_request_duration_seconds",
-                                      "Duration of HTTP requests to the RPC routes", ["route", "outcome"], registry=r)
-        self.rpc_calls = Counter("sentinel_proxy_rpc_calls", "JSON-RPC calls (batch items counted one by one)",
-                                 ["method", "route"], registry=r)
-        self.rpc_call_duration = Histogram("sentinel_proxy_rpc_call_duration_seconds",
-                                           "Duration of the request that carried each JSON-RPC call", ["method"],
-                                           registry=r)
-        self.batch_size = Histogram("sentinel_proxy_batch_size", "Calls per JSON-RPC batch", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.in_flight = Gauge("sentinel_proxy_in_flight_requests", "RPC requests being handled", registry=r)
-        self.upstream_attempts = Counter("sentinel_proxy_upstream_attempts", "Requests sent to nodes by result",
-                                         ["backend", "result"], registry=r)
-        self.failovers = Counter("sentinel_proxy_failovers", "Requests sent on to another node after a failure",
-                                 ["route"], registry=r)
-        self.hedges = Counter("sentinel_proxy_hedges", "Hedged reads: a second node asked because the first was slow",
-                              ["route"], registry=r)
-        self.breaker_transitions = Counter("sentinel_proxy_breaker_transitions",
-                                           "Circuit breaker state changes", ["backend", "state"], registry=r)
-        self.cache_calls = Counter("sentinel_proxy_cache_calls", "Cacheable calls by how they were answered",
-                                   ["result"], registry=r)
+        self.rpc_requests = add(CounterFamily("sentinel_proxy_rpc_requests",
+                                              "HTTP requests to the RPC routes by outcome", ["route", "outcome"]))
+        self.rpc_duration = add(HistogramFamily("sentinel_proxy_rpc_request_duration_seconds",
+                                                "Duration of HTTP requests to the RPC routes", ["route", "outcome"]))
+        self.rpc_calls = add(CounterFamily("sentinel_proxy_rpc_calls",
+                                           "JSON-RPC calls (batch items counted one by one)", ["method", "route"]))
+        self.rpc_call_duration = add(HistogramFamily("sentinel_proxy_rpc_call_duration_seconds",
+                                                     "Duration of the request that carried each JSON-RPC call",
+                                                     ["method"]))
+        self.batch_size = add(HistogramFamily("sentinel_proxy_batch_size", "Calls per JSON-RPC batch",
+                                              buckets=BATCH_BUCKETS))
+        self.in_flight_family = add(GaugeFamily("sentinel_proxy_in_flight_requests", "RPC requests being handled"))
+        #: ``inc()``/``dec()`` by admission.InFlight on every request.
+        self.in_flight: GaugeValue = self.in_flight_family.child(())
+        self.upstream_attempts = add(CounterFamily("sentinel_proxy_upstream_attempts",
+                                                   "Requests sent to nodes by result", ["backend", "result"]))
+        self.failovers = add(CounterFamily("sentinel_proxy_failovers",
+                                           "Requests sent on to another node after a failure", ["route"]))
+        self.hedges = add(CounterFamily("sentinel_proxy_hedges",
+                                        "Hedged reads: a second node asked because the first was slow", ["route"]))
+        self.breaker_transitions = add(CounterFamily("sentinel_proxy_breaker_transitions",
+                                                     "Circuit breaker state changes", ["backend", "state"]))
+        self.cache_calls = add(CounterFamily("sentinel_proxy_cache_calls", "Cacheable calls by how they were answered",
+                                             ["result"]))
+        r.register(hot)
+        # Rare (one per check): prometheus_client's own objects.
         self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
                                         ["check", "backend"], registry=r)
         self.check_failures = Counter("sentinel_proxy_check_failures", "Failed health and integrity checks",
                                       ["check", "backend"], registry=r)
         self.registry.register(PoolCollector(pool))
-        self._children: dict[tuple, object] = {}
+        # The three duration histograms share the default buckets: observe_request bisects once.
+        assert self.duration.bounds == self.rpc_duration.bounds == self.rpc_call_duration.bounds
+        self._bounds = self.rpc_duration.bounds
+        self._batch: HistogramValue = self.batch_size.child(())
+        #: (route, status, outcome, backend) -> the four series a request of that kind updates.
+        self._request_series: dict[tuple[str, int, str, str], tuple[CountValue, HistogramValue, CountValue,
+                                                                     HistogramValue]] = {}
+        #: route -> method -> (its rpc_calls series, its rpc_call_duration series), for the known methods only;
+        #: route -> the "other" pair for the rest.
+        self._call_series: dict[str, dict[str, tuple[CountValue, HistogramValue]]] = {}
+        self._other_series: dict[str, tuple[CountValue, HistogramValue]] = {}
+        self._attempt_series: dict[tuple[str, str], CountValue] = {}
         self._preset()
 
     def _preset(self) -> None:
         """Create every route/outcome series up front, so rate() and alerts see zeros, not gaps."""
-        self._cache_children = {result: self.cache_calls.labels(result) for result in ("hit", "miss", "coalesced")}
+        self._cache_series = {result: self.cache_calls.child((result,)) for result in ("hit", "miss", "coalesced")}
         for route in ROUTES:
-            self.failovers.labels(route)
-            self.hedges.labels(route)
+            self.failovers.child((route,))
+            self.hedges.child((route,))
             for outcome in OUTCOMES:
-                self.rpc_requests.labels(route, outcome)
-                self.rpc_duration.labels(route, outcome)
+                self.rpc_requests.child((route, outcome))
+                self.rpc_duration.child((route, outcome))
 
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Counter | Histogram:
-        """``metric.labels(...)`` costs a lock and a tuple build; the request path caches children."""
-        key = (id(metric),) + labels
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _new_request_series(self, route: str, status: int, outcome: str,
+                            backend: str) -> tuple[CountValue, HistogramValue, CountValue, HistogramValue]:
+        key = (route, status, outcome, backend)
+        route, outcome, backend = str(route), str(outcome), str(backend)
+        series = self._request_series[key] = (
+            self.requests.child((PROXY_METHOD, str(status), backend)),
+            self.duration.child((PROXY_METHOD, backend)),
+            self.rpc_requests.child((route, outcome)),
+            self.rpc_duration.child((route, outcome)))
+        return series
+
+    def _new_call_series(self, route: str, method: str) -> tuple[CountValue, HistogramValue]:
+        label = method_label(method)
+        if label == OTHER_METHOD:
+            # Unknown names are not kept: a caller sending random names must not grow a dict.
+            series = self._other_series.get(route)
+            if series is None:
+                series = self._other_series[route] = (self.rpc_calls.child((label, str(route))),
+                                                      self.rpc_call_duration.child((label,)))
+            return series
+        series = self._call_series.setdefault(route, {})[method] = (
+            self.rpc_calls.child((label, str(route))), self.rpc_call_duration.child((label,)))
+        return series
 
     def observe_request(self, route: str, status: int, outcome: str, backend: str, seconds: float,
                         methods: Iterable[str], batch: int | None) -> None:
-        child = self._child
-        child(self.requests, PROXY_METHOD, str(status), backend).inc()
-        child(self.duration, PROXY_METHOD, backend).observe(seconds)
-        child(self.rpc_requests, route, outcome).inc()
-        child(self.rpc_duration, route, outcome).observe(seconds)
-        for method in methods:
-            label = method_label(method)
-            child(self.rpc_calls, label, route).inc()
-            child(self.rpc_call_duration, label).observe(seconds)
+        series = self._request_series.get((route, status, outcome, backend))
+        if series is None:
+            series = self._new_request_series(route, status, outcome, backend)
+        requests, duration, rpc_requests, rpc_duration = series
+        # Every duration histogram here has the default buckets: one bisect for all of them.
+        bucket = bisect_left(self._bounds, seconds)
+        requests.value += 1
+        duration.counts[bucket] += 1
+        duration.sum += seconds
+        rpc_requests.value += 1
+        rpc_duration.counts[bucket] += 1
+        rpc_duration.sum += seconds
+        if methods:
+            calls = self._call_series.get(route)
+            if calls is None:
+                calls = self._call_series[route] = {}
+            for method in methods:
+                call = calls.get(method)
+                if call is None:
+                    call = self._new_call_series(route, method)
+                count, call_duration = call
+                count.value += 1
+                call_duration.counts[bucket] += 1
+                call_duration.sum += seconds
         if batch is not None:
-            self.batch_size.observe(batch)
+            sizes = self._batch
+            sizes.counts[bisect_left(sizes.bounds, batch)] += 1
+            sizes.sum += batch
 
     def watch(self, kind: str, store: object) -> None:
         """Export a store's counters: ``kind`` is "cache" or "ratelimit"."""
@@ -222,15 +469,18 @@ class Metrics:
     def observe_cache(self, counts: dict[str, int]) -> None:
         for result, count in counts.items():
             if count:
-                self._cache_children[result].inc(count)
+                self._cache_series[result].inc(count)
 
     def observe_attempt(self, backend: str, result: str) -> None:
-        self._child(self.upstream_attempts, backend, result).inc()
+        series = self._attempt_series.get((backend, result))
+        if series is None:
+            series = self._attempt_series[(backend, result)] = self.upstream_attempts.child((str(backend), str(result)))
+        series.value += 1
 
     def observe_check(self, check: str, backend: str, seconds: float, ok: bool) -> None:
-        self._child(self.check_duration, check, backend).observe(seconds)
+        self.check_duration.labels(check, backend).observe(seconds)
         if not ok:
-            self._child(self.check_failures, check, backend).inc()
+            self.check_failures.labels(check, backend).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sentinel_proxy.twisted_private import write_now
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.state.backends import Backend
 from sentinel_proxy.upstream.memory import PREALLOCATE_FROM, AnswerMemory, fill, finished, new_body
@@ -95,7 +96,7 @@ class _Connection(Protocol):
     def send(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, timer: Any) -> None:
         """Write ``request`` on this (checked out, live) connection."""
         self._begin(deferred, limit, timer, True)
-        self.transport.write(request)
+        write_now(self.transport, request)
 
     def dial(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, timer: Any) -> None:
         """Connect, then write ``request`` from ``connectionMade``."""

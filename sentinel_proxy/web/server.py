@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sentinel_proxy.twisted_private import write_now
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.proxy.values import Caller, Reply
 from sentinel_proxy.web.auth import Access, peer_address
@@ -193,14 +194,14 @@ class LeanHTTP(RequestReader):
     def _flush(self, now: float) -> None:
         """Write the answers that are ready, in order, each as one write."""
         queue = self._queue
-        write = self.transport.write
+        transport = self.transport
         while queue:
             exchange = queue[0]
             answer = exchange.answer
             if answer is None:
                 return
             queue.popleft()
-            write(answer)
+            write_now(transport, answer)
             if exchange.close > 0:
                 self._end(exchange.close == LINGER_CLOSE)
                 return

@@ -3,7 +3,7 @@
 The ``Site`` here turns off what costs time on every request without serving the gateway:
 form parsing of POST bodies and twisted.web's access log (design.md). Request bodies are bounded
 while they arrive, so an oversized body is never held in memory (the one non-public hook, kept in
-:mod:`sentinel_proxy.web.twisted_private`). The rest is public: ``Site.log``, and the
+:mod:`sentinel_proxy.twisted_private`). The rest is public: ``Site.log``, and the
 site's ``protocol``: an ``HTTPChannel`` that reports its connection opening and closing.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from sentinel_proxy.web.twisted_private import BoundedRequest
+from sentinel_proxy.twisted_private import BoundedRequest
 
 
 class ClientConnections:
