@@ -277,8 +277,9 @@ class Settings:
         help="how long an open breaker keeps a node out before probing it, in ms")
     breaker_close_successes: int = setting("BREAKER_CLOSE_SUCCESSES", "8", _integer(1), reload=True,
         help="successful probes in a row that close the breaker again")
-    method_allow: tuple[str, ...] = setting("METHOD_ALLOW", "node_*,p2p_*", _methods, reload=True,
-        help="methods forwarded: names or namespaces (ns_*); nodeAdmin_* is never forwarded whatever this says")
+    method_allow: tuple[str, ...] = setting("METHOD_ALLOW", "node_*,aztec_*,p2p_*", _methods, reload=True,
+        help="methods forwarded: names or namespaces (ns_*); the admin and debug namespaces (nodeAdmin_*, "
+             "aztecAdmin_*, nodeDebug_*, aztecDebug_*, in any case) are never forwarded whatever this says")
     method_deny: tuple[str, ...] = setting("METHOD_DENY", "", _methods, reload=True,
         help="methods refused even when allowed (deny wins)")
     archiver_method_allow: tuple[str, ...] = setting("ARCHIVER_METHOD_ALLOW", "", _methods, reload=True,

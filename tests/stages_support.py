@@ -172,14 +172,20 @@ class Verdict:
     inconsistent_epochs: tuple = ()
 
 
+#: The chain every in-memory node reports: (l1ChainId, rollupVersion).
+CHAIN = ("31337", "1")
+
+
 def trusted_pool(count: int = 3, breaker: BreakerPolicy | None = None, oldest_block: int | None = 50) -> BackendPool:
     """Healthy, trusted pruned nodes n0:1, n1:1, ...; picked in that order (random is 0)."""
     pool = BackendPool([f"http://n{i}:1" for i in range(count)], random=lambda: 0.0)
     if breaker is not None:
         pool.set_breaker_policy(breaker)
     for backend in pool.backends:
-        pool.record_health(backend, True, now=0.0, block_number=100, latency_ms=5.0, oldest_block=oldest_block)
+        pool.record_health(backend, True, now=0.0, block_number=100, latency_ms=5.0, oldest_block=oldest_block,
+                           chain=CHAIN)
         pool.record_integrity(backend, Verdict())
+    pool.reassess()  # the majority chain: cache keys carry it, and nothing is cached before it is known
     return pool
 
 

@@ -92,8 +92,8 @@ class Cluster:
     nodes: list[RunningNode] = field(default_factory=list)
     gateways: list[GatewayService] = field(default_factory=list)
 
-    def node(self, scenario: str = "pruned", chain: ChainParams = TEST_CHAIN) -> RunningNode:
-        sim = SimulatedNode(SCENARIOS[scenario], chain, clock=reactor)
+    def node(self, scenario: str = "pruned", chain: ChainParams = TEST_CHAIN, dialect: str = "4") -> RunningNode:
+        sim = SimulatedNode(SCENARIOS[scenario], chain, clock=reactor, dialect=dialect)
         running = RunningNode(sim, reactor.listenTCP(0, simulated_site(sim), interface="127.0.0.1"))
         self.nodes.append(running)
         return running

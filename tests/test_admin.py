@@ -26,6 +26,23 @@ def test_policy_patterns_and_the_admin_namespace():
     assert refused.value.code == jsonrpc.METHOD_NOT_FOUND
 
 
+@pytest.mark.parametrize("method", ["aztecAdmin_getConfig", "nodeDebug_x", "aztecDebug_x", "NODEADMIN_x",
+                                    "aztecadmin_x", "NodeAdmin_getConfig"])
+def test_every_admin_and_debug_namespace_is_refused_in_any_case(method):
+    namespace = method.split("_")[0]
+    for policy in (MethodPolicy(), MethodPolicy(allow=("*",)), MethodPolicy(allow=(f"{namespace}_*", method))):
+        assert not policy.allows(method)
+        with pytest.raises(RequestError) as refused:
+            parse_request(json.dumps(rpc(method)).encode(), 100, policy)
+        assert refused.value.code == jsonrpc.METHOD_NOT_FOUND
+
+
+def test_the_default_policy_speaks_both_dialects():
+    policy = MethodPolicy()
+    assert all(policy.allows(m) for m in ("node_getBlock", "aztec_getBlock", "aztec_getChainTips", "p2p_getPeers"))
+    assert not policy.allows("eth_call")
+
+
 @ensure
 async def test_method_policy_per_route(cluster):
     node = cluster.node("archiver")

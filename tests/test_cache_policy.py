@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sentinel_proxy.core.methods import TABLE
 from sentinel_proxy.core.cache_policy import (DEFAULT_VOLATILE_TTL, FOREVER, IMMUTABLE, NEVER, RULES, VOLATILE, Rule,
                                          cache_key, decide, finalized_tip, storable)
 
@@ -213,7 +214,7 @@ def test_get_blocks_boundary_and_length():
         (VOLATILE, DEFAULT_VOLATILE_TTL)
 
 
-@pytest.mark.parametrize("params", [[0, 10], [10, 0], [True, 5], ["5", 5], [5], [], {"from": 1, "limit": 2}])
+@pytest.mark.parametrize("params", [[0, 10], [10, 0], [True, 5], ["x", 5], ["0x5", 5], [5], [], {"from": 1, "limit": 2}])
 def test_get_blocks_odd_params_are_never_final(params):
     assert decide("node_getBlocks", params, FINALIZED).kind == VOLATILE
 
@@ -359,4 +360,59 @@ def test_every_rule_is_used_and_names_are_unambiguous():
 
 def test_docs_mirror_the_table():
     rows = dict(re.findall(r"^\|\s*`([A-Za-z0-9_]+)`\s*\|\s*`([a-z-]+)`\s*\|", DOCS.read_text(), re.MULTILINE))
-    assert rows == {method: rule.value for method, rule in RULES.items()}
+    assert rows == {name: row.cache.value for name, row in TABLE.items()}
+    namespaces = dict(re.findall(r"^\|\s*`([A-Za-z0-9_]+)`\s*\|.*\|\s*(`[a-z0-9_]+`(?:, `[a-z0-9_]+`)*)\s*\|$",
+                                 DOCS.read_text(), re.MULTILINE))
+    assert RULES == {f"{ns.strip('`')}{name}": TABLE[name].cache for name, spelled in namespaces.items()
+                     for ns in spelled.split(", ")}
+
+
+# -- 5.x: null not-found, block parameters in every form, chain identity in keys
+
+
+@pytest.mark.parametrize("method", ["node_getBlock", "aztec_getBlock", "aztec_getBlockData", "aztec_getTxReceipt",
+                                    "aztec_getPublicStorageAt", "node_getContractClass"])
+@pytest.mark.parametrize("params", [[FINALIZED], [{"number": FINALIZED}], ["0x" + "ab" * 32], [FINALIZED + 5]])
+def test_a_null_result_is_not_found_and_never_kept_long(method, params):
+    kind, ttl = outcome(method, params, None, present=True)
+    assert ttl is None or ttl == DEFAULT_VOLATILE_TTL
+    if kind == IMMUTABLE:  # at or below the finalized tip: a node that is behind, not passed on
+        assert ttl is None
+    assert (kind, ttl) == outcome(method, params, None, present=False)
+
+
+@pytest.mark.parametrize("param", [FINALIZED, {"number": FINALIZED}, {"number": str(FINALIZED)},
+                                   {"number": FINALIZED, "hash": "0x01"}])
+def test_a_finalized_number_in_any_form_is_immutable(param):
+    assert outcome("aztec_getBlock", [param], block(FINALIZED)) == (IMMUTABLE, FOREVER)
+    assert outcome("aztec_getPublicStorageAt", [param, "0x1", "0x2"], "0x0") == (IMMUTABLE, FOREVER)
+
+
+@pytest.mark.parametrize("param", ["latest", "proposed", "checkpointed", "proven", "finalized", {"tag": "finalized"},
+                                   {"tag": "proven"}, str(FINALIZED), {"number": FINALIZED + 1}, {"hash": "0x01"}])
+def test_tags_and_unproven_forms_are_volatile(param):
+    assert outcome("aztec_getBlock", [param], block(FINALIZED - 10)) == (VOLATILE, DEFAULT_VOLATILE_TTL)
+
+
+@pytest.mark.parametrize("param", ["0x" + "ab" * 32, {"hash": "0x" + "ab" * 32}, {"archive": "0x" + "cd" * 32}])
+def test_a_hash_in_any_form_is_immutable_once_its_block_is_final(param):
+    assert outcome("aztec_getBlock", [param], block(FINALIZED)) == (VOLATILE, FOREVER)
+    assert outcome("aztec_getBlock", [param], block(FINALIZED + 1)) == (VOLATILE, DEFAULT_VOLATILE_TTL)
+
+
+def test_5_and_its_string_and_object_forms_are_three_keys():
+    keys = {cache_key("aztec_getBlock", [p]) for p in (5, "5", {"number": 5}, {"number": "5"})}
+    assert len(keys) == 4
+    assert cache_key("node_getBlock", [5]) != cache_key("aztec_getBlock", [5])
+
+
+def test_keys_carry_the_chain():
+    plain = cache_key("node_getBlock", [5])
+    one = decide("node_getBlock", [5], FINALIZED, chain=("1337", "1")).key
+    other_rollup = decide("node_getBlock", [5], FINALIZED, chain=("1337", "2")).key
+    other_l1 = decide("node_getBlock", [5], FINALIZED, chain=("1", "1")).key
+    assert len({plain, one, other_rollup, other_l1}) == 4
+    assert one == b'["1337","1"]node_getBlock:[5]'
+    assert one.endswith(plain)
+    # The chain prefix is a JSON array: no chain can end where another's method begins.
+    assert cache_key("node_getBlock", [5], ("1", "1]node")) != cache_key("node_getBlock", [5], ("1", "1"))

@@ -4,6 +4,7 @@ import json
 import pytest_twisted
 from twisted.internet import defer
 
+from sentinel_proxy.core.cache_policy import cache_key
 from sentinel_proxy.core.answers import assemble, entry_from_store, entry_of, item_bytes, store_value
 from sentinel_proxy.proxy.coalesce import Entry
 from tests.support import post_json, rpc, wait_for
@@ -81,8 +82,9 @@ async def test_volatile_answers_expire_and_unfinalized_blocks_are_not_kept(clust
     for _ in range(3):
         assert (await post_json(url, rpc("node_getBlock", [UNFINAL]))).code == 200
     assert nodes[0].node.calls["node_getBlock"] == 1, "volatile: shared within its TTL"
-    await wait_for(lambda: not service.cache.get(b'node_getBlock:[%d]' % UNFINAL).result, timeout=3,
-                   what="the volatile entry to expire")
+    key = cache_key("node_getBlock", [UNFINAL], service.pool.chain_identity())
+    assert service.cache.get(key).result, "stored under the key of the gateway's chain"
+    await wait_for(lambda: not service.cache.get(key).result, timeout=3, what="the volatile entry to expire")
     await post_json(url, rpc("node_getBlock", [UNFINAL]))
     assert nodes[0].node.calls["node_getBlock"] == 2
     for _ in range(3):

@@ -23,7 +23,7 @@ from sentinel_proxy.core.scoring import BreakerPolicy
 from sentinel_proxy.proxy.values import Limits
 from sentinel_proxy.upstream.response import UpstreamResponse
 
-from tests.stages_support import MemoryStore, answer, result, rig, rpc, sample, settled
+from tests.stages_support import CHAIN, MemoryStore, answer, result, rig, rpc, sample, settled
 from tests.support import post_json, wait_for
 
 ensure = pytest_twisted.ensureDeferred
@@ -115,8 +115,8 @@ def test_a_reversed_batch_is_answered_in_request_order(cached):
     assert json.loads(reply.body) == GOOD
     assert not charged(gateway, 0) and bad_answer_count(gateway, "n0:1") == 0
     if cached:
-        assert stored_blocks(store) == {cache_key("node_getBlock", [304]): block(304),
-                                        cache_key("node_getBlock", [305]): block(305)}
+        assert stored_blocks(store) == {cache_key("node_getBlock", [304], CHAIN): block(304),
+                                        cache_key("node_getBlock", [305], CHAIN): block(305)}
         hit = settled(gateway.handle([rpc("node_getBlock", [305], id_="x"), rpc("node_getBlock", [304], id_="y")]))
         assert json.loads(hit.body) == [result(block(305), "x"), result(block(304), "y")]
         assert len(gateway.client.sent) == 1
@@ -145,8 +145,8 @@ def test_an_answer_that_does_not_answer_the_request_fails_over(kind, cached):
     assert bad_answer_count(gateway, "n0:1") == 1
     assert sample(gateway.metrics, "sentinel_proxy_failovers_total", route="/") == 1
     if cached:
-        assert stored_blocks(store) == {cache_key("node_getBlock", [304]): block(304),
-                                        cache_key("node_getBlock", [305]): block(305)}, "only the good answer"
+        assert stored_blocks(store) == {cache_key("node_getBlock", [304], CHAIN): block(304),
+                                        cache_key("node_getBlock", [305], CHAIN): block(305)}, "only the good answer"
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "duplicate", "missing"])

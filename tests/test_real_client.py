@@ -240,8 +240,6 @@ async def test_foundation_5_client_with_node_names_through_the_gateway(cluster, 
     await check5(node, out)
 
 
-@pytest.mark.xfail(strict=True, reason="the gateway's method policy refuses aztec_* (-32601, 'Method not allowed by "
-                                       "this gateway') until the 5.x method-table work lands")
 @ensure
 async def test_foundation_5_client_with_aztec_names_through_the_gateway(cluster, foundation):
     node = node5(cluster)

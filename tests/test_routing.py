@@ -1,4 +1,6 @@
 """End-to-end: verdicts in /health and routing that acts on them, over loopback."""
+import json
+import pytest
 import pytest_twisted
 
 from sentinel_proxy.core import jsonrpc
@@ -125,3 +127,80 @@ def test_block_needed_reads_only_explicit_numbers():
     assert oldest_needed(calls([70], [7], ["latest"])) == 7
     assert oldest_needed(calls([7], method="node_getBlockNumber")) is None
     assert "node_getPublicStorageAt" in BLOCK_PARAM_METHODS and "node_getBlocks" in BLOCK_PARAM_METHODS
+
+
+# -- the pruning edge, in memory (tests/stages_support.py: no sockets, task.Clock)
+
+from sentinel_proxy.proxy.failover import pruned_block  # noqa: E402
+from sentinel_simnode.node import pruned_error_4, pruned_error_5  # noqa: E402
+from tests.stages_support import answer, result, rig, settled  # noqa: E402
+
+
+def pruned(number, dialect="5", id_=1):
+    message = pruned_error_5(number, number + 10) if dialect == "5" else pruned_error_4(number)
+    return answer({"jsonrpc": "2.0", "id": id_, "error": {"code": -32702, "message": message}}, code=400)
+
+
+def test_pruned_block_reads_both_wordings():
+    assert pruned_block({"code": -32702, "message": pruned_error_5(60, 70)}) == 60
+    assert pruned_block({"code": -32702, "message": pruned_error_4(61)}) == 61
+    assert pruned_block({"code": -32702, "message": "Unable to get leaf at index 3 for block 62, failed to get "
+                                                    "block data."}) == 62
+    assert pruned_block({"code": -32702, "message": "World state not available for block 5 (oldest is 9)"}) is None
+    assert pruned_block({"code": -32000, "message": pruned_error_4(61)}) is None
+    assert pruned_block({"code": -32702, "message": "Queried block 5 not yet synced by the node"}) is None
+
+
+@pytest.mark.parametrize("dialect, method, param", [
+    ("5", "aztec_getPublicStorageAt", {"number": 60}), ("5", "aztec_getPublicStorageAt", "0x" + "ab" * 32),
+    ("4", "node_getPublicStorageAt", 60),
+])
+def test_a_pruned_answer_fails_over_and_lowers_the_nodes_history(dialect, method, param):
+    r = rig(3)
+    r.client.script("n0:1", pruned(60, dialect))
+    r.client.script("n1:1", answer(result("0x2a")))
+    reply = settled(r.handle(rpc_call(method, [param, "0x1", "0x2"])))
+    assert reply.status == 200 and json.loads(reply.body)["result"] == "0x2a"
+    assert [s.node for s in r.client.sent] == ["n0:1", "n1:1"]
+    assert r.node(0).oldest_block == 61 and not r.node(0).keeps(60) and r.node(0).keeps(61)
+    assert r.node(0).breaker.state == "closed"  # an answer, not a failure
+    # The next call about block 60 goes straight to a node that keeps it.
+    r.client.script("n1:1", answer(result("0x2b")))
+    settled(r.handle(rpc_call(method, [{"number": 60} if dialect == "5" else 60, "0x1", "0x2"])))
+    assert [s.node for s in r.client.sent][2:] == ["n1:1"]
+
+
+def test_when_no_node_keeps_the_block_the_answer_is_block_unavailable():
+    r = rig(2)
+    r.client.script("n0:1", pruned(60))
+    r.client.script("n1:1", pruned(60, "4"))
+    reply = settled(r.handle(rpc_call("aztec_getPublicStorageAt", [{"archive": "0x01"}, "0x1", "0x2"])))
+    body = json.loads(reply.body)
+    assert reply.status == 400 and body["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE and body["id"] == 1
+    assert all(b.oldest_block == 61 for b in r.pool.backends)
+    # Now the guard knows: no node is asked again.
+    reply = settled(r.handle(rpc_call("node_getPublicStorageAt", [60, "0x1", "0x2"])))
+    assert json.loads(reply.body)["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE
+    assert len(r.client.sent) == 2
+
+
+def test_a_batch_with_a_pruned_item_is_repeated_at_a_keeper_unless_it_has_effects():
+    r = rig(2)
+    batch = [rpc_call("aztec_getBlockNumber", [], 1), rpc_call("aztec_getPublicStorageAt", [60, "0x1", "0x2"], 2)]
+    node0 = json.dumps([{"jsonrpc": "2.0", "id": 1, "result": 100},
+                        {"jsonrpc": "2.0", "id": 2, "error": {"code": -32702, "message": pruned_error_5(60, 70)}}])
+    r.client.script("n0:1", answer(node0.encode()))
+    r.client.script("n1:1", answer([{"jsonrpc": "2.0", "id": 1, "result": 100}, {"jsonrpc": "2.0", "id": 2, "result": "0x2"}]))
+    body = json.loads(settled(r.handle(batch)).body)
+    assert body[1]["result"] == "0x2"
+    # With a sendTx in it, the batch is not repeated: the caller gets the node's answer.
+    r = rig(2)
+    r.client.script("n0:1", answer([{"jsonrpc": "2.0", "id": 1, "result": "0xtx"},
+                                  {"jsonrpc": "2.0", "id": 2, "error": {"code": -32702,
+                                                                        "message": pruned_error_5(60, 70)}}]))
+    body = json.loads(settled(r.handle([rpc_call("aztec_sendTx", [{}], 1), batch[1]])).body)
+    assert body[1]["error"]["code"] == -32702 and [s.node for s in r.client.sent] == ["n0:1"]
+
+
+def rpc_call(method, params, id_=1):
+    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": params}

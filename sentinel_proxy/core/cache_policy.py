@@ -19,10 +19,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Iterable
 
 import msgspec
+
+from sentinel_proxy.core import methods
+from sentinel_proxy.core.methods import Rule
 
 #: Default lifetime of a volatile entry: below one 4.x block time (several blocks per 72 s slot),
 #: so a cached tip is at most about one block old.
@@ -35,97 +37,12 @@ VOLATILE = "volatile"
 NEVER = "never"
 
 
-class Rule(StrEnum):
-    """How a method's answer may be cached (the second column of docs/caching.md)."""
-
-    #: Per-node state, mempool, writes, simulations: never looked up, never stored.
-    NEVER = "never"
-    #: Moving values (tips, fees) and chain constants: kept ``volatile_ttl`` seconds.
-    VOLATILE = "volatile"
-    #: First param a block (number, hash or ``"latest"``): immutable for a number at or below the
-    #: finalized tip, or for a hit on a hash whose block number is finalized; else volatile.
-    BLOCK = "block"
-    #: First param a block, the answer is state at that block: immutable for a number at or below
-    #: the finalized tip; else volatile (a hash does not say its height in the answer).
-    STATE_AT_BLOCK = "state-at-block"
-    #: ``(from, limit)``: immutable when from+limit-1 is finalized and the page is full; else volatile.
-    BLOCK_RANGE = "block-range"
-    #: By block hash: immutable on a hit whose block number is finalized; else volatile.
-    BLOCK_BY_HASH = "block-by-hash"
-    #: Immutable when ``status`` is ``finalized``; else volatile.
-    RECEIPT = "receipt"
-    #: Immutable when ``l2BlockNumber`` is finalized; else volatile.
-    TX_EFFECT = "tx-effect"
-    #: Content-addressed: immutable on a hit; a not-found is volatile.
-    CONTENT_ADDRESSED = "content-addressed"
-
-
-#: Method -> rule. A method not listed here is never cached (the method list changes between
-#: node versions; an unknown method may be per node or a write).
-RULES: dict[str, Rule] = {
-    # Per node, mempool, writes and simulations.
-    "node_isReady": Rule.NEVER,
-    "node_getNodeVersion": Rule.NEVER,
-    "node_getEncodedEnr": Rule.NEVER,
-    "node_getValidatorsStats": Rule.NEVER,
-    "node_getValidatorStats": Rule.NEVER,
-    "node_getWorldStateSyncStatus": Rule.NEVER,
-    "node_getPendingTxs": Rule.NEVER,
-    "node_getPendingTxCount": Rule.NEVER,
-    "node_getTxByHash": Rule.NEVER,
-    "node_getTxsByHash": Rule.NEVER,
-    "node_sendTx": Rule.NEVER,
-    "node_isValidTx": Rule.NEVER,
-    "node_simulatePublicCalls": Rule.NEVER,
-    "node_registerContractFunctionSignatures": Rule.NEVER,
-    "p2p_getPeers": Rule.NEVER,
-    "p2p_getPendingTxs": Rule.NEVER,
-    "p2p_getPendingTxCount": Rule.NEVER,
-    "p2p_getEncodedEnr": Rule.NEVER,
-    "p2p_getTxByHash": Rule.NEVER,
-    "p2p_getTxStatus": Rule.NEVER,
-    "p2p_getAttestationsForSlot": Rule.NEVER,
-    # Tips, fees and chain constants.
-    "node_getBlockNumber": Rule.VOLATILE,
-    "node_getProvenBlockNumber": Rule.VOLATILE,
-    "node_getCheckpointedBlockNumber": Rule.VOLATILE,
-    "node_getL2Tips": Rule.VOLATILE,
-    "node_getCurrentMinFees": Rule.VOLATILE,
-    "node_getCurrentBaseFees": Rule.VOLATILE,
-    "node_getMaxPriorityFees": Rule.VOLATILE,
-    "node_getNodeInfo": Rule.VOLATILE,
-    "node_getChainId": Rule.VOLATILE,
-    "node_getVersion": Rule.VOLATILE,
-    "node_getL1ContractAddresses": Rule.VOLATILE,
-    "node_getProtocolContractAddresses": Rule.VOLATILE,
-    "node_getContract": Rule.VOLATILE,
-    # Blocks.
-    "node_getBlock": Rule.BLOCK,
-    "node_getBlockHeader": Rule.BLOCK,
-    "node_getBlockByHash": Rule.BLOCK_BY_HASH,
-    "node_getBlocks": Rule.BLOCK_RANGE,
-    # Transactions.
-    "node_getTxReceipt": Rule.RECEIPT,
-    "node_getTxEffect": Rule.TX_EFFECT,
-    # World state at a block.
-    "node_getPublicStorageAt": Rule.STATE_AT_BLOCK,
-    "node_findLeavesIndexes": Rule.STATE_AT_BLOCK,
-    "node_getNullifierMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getLowNullifierMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getPublicDataWitness": Rule.STATE_AT_BLOCK,
-    "node_getPublicDataTreeWitness": Rule.STATE_AT_BLOCK,
-    "node_getArchiveMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getNoteHashMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getL1ToL2MessageMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getBlockHashMembershipWitness": Rule.STATE_AT_BLOCK,
-    "node_getArchiveSiblingPath": Rule.STATE_AT_BLOCK,
-    "node_getNoteHashSiblingPath": Rule.STATE_AT_BLOCK,
-    "node_getNullifierSiblingPath": Rule.STATE_AT_BLOCK,
-    "node_getPublicDataSiblingPath": Rule.STATE_AT_BLOCK,
-    "node_getL1ToL2MessageSiblingPath": Rule.STATE_AT_BLOCK,
-    # Content-addressed.
-    "node_getContractClass": Rule.CONTENT_ADDRESSED,
-}
+#: Method -> rule for every wire name of the method table (core/methods.py: ``node_``, ``aztec_``
+#: and ``p2p_`` spellings). A method not listed here is never cached (the method list changes
+#: between node versions; an unknown method may be per node or a write). Only the exact spellings
+#: are cached: ``node_getBlock_x`` (served by the node as ``getBlock``) is not, which keeps every
+#: cached method name free of ``:`` (see :func:`cache_key`).
+RULES: dict[str, Rule] = methods.full_names()
 
 _BLOCK_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 _canonical = msgspec.json.Encoder(order="sorted").encode
@@ -151,21 +68,28 @@ class Decision:
 NEVER_DECISION = Decision(NEVER, 0.0, b"")
 
 
-def cache_key(method: str, params: Any) -> bytes:
-    """``method:`` + the params as canonical JSON (sorted keys, no whitespace, UTF-8; msgspec's,
-    ~0.1 µs against ~1.3 µs for the standard library's).
+def cache_key(method: str, params: Any, chain: Any = None) -> bytes:
+    """The chain, ``method:`` and the params as canonical JSON (sorted keys, no whitespace, UTF-8;
+    msgspec's, ~0.1 µs against ~1.3 µs for the standard library's).
 
-    JSON types stay apart (``5`` is a block number, ``"5"`` a hash) and the call's ``id`` is not
-    part of it, so callers with different ids share entries. Only methods of :data:`RULES` get a
-    key, and none of their names holds a ``:``, so the method/params boundary is unambiguous.
-    msgspec writes infinities (``1E400`` in a request) as ``null``: params whose key holds a
-    ``null`` take the standard library's canonical form instead (``Infinity`` stays apart from
-    ``null``); neither form can equal the other for different params.
+    ``chain`` is the chain identity the gateway learned from its nodes (``(l1ChainId,
+    rollupVersion)``), written first as a canonical JSON array (self-delimiting), so gateways on
+    different chains sharing one store never read each other's entries; None writes no chain
+    (the pure tests, and a cache stage not given the pool's chain).
+
+    JSON types stay apart (``5`` is a block number, ``"5"`` a hash, ``{"number": 5}`` a third
+    key: see docs/caching.md) and the call's ``id`` is not part of it, so callers with different
+    ids share entries. Only methods of :data:`RULES` get a key, and none of their names holds a
+    ``:``, so the method/params boundary is unambiguous. msgspec writes infinities (``1E400`` in a
+    request) as ``null``: params whose key holds a ``null`` take the standard library's canonical
+    form instead (``Infinity`` stays apart from ``null``); neither form can equal the other for
+    different params.
     """
+    prefix = b"" if chain is None else _canonical(list(chain))
     encoded = _canonical(params)
     if b"null" in encoded:
-        return f"{method}:{_canonical_slow(params)}".encode()
-    return method.encode() + b":" + encoded
+        return prefix + f"{method}:{_canonical_slow(params)}".encode()
+    return prefix + method.encode() + b":" + encoded
 
 
 def _height(value: Any) -> int | None:
@@ -203,27 +127,27 @@ def finalized_tip(tips: Iterable[Any]) -> int | None:
 
 
 def _block_number_param(params: Any) -> int | None:
-    """The first param when it is a JSON number (a decimal string is a hash, not a height)."""
+    """The height the first param names (a JSON number, ``{number}``, ``{number, hash}``); a bare
+    decimal string is a hash, a tag or ``"latest"`` a moving block, neither a height."""
     if isinstance(params, list) and params:
-        first = params[0]
-        if isinstance(first, int) and not isinstance(first, bool) and first >= 0:
-            return first
+        ref = methods.block_ref(params[0])
+        if ref.kind == "number":
+            return ref.number
     return None
 
 
 def _block_hash_param(params: Any) -> bool:
-    """True when the first param is a block hash (``"latest"`` and other tags never are)."""
-    return isinstance(params, list) and bool(params) and isinstance(params[0], str) \
-        and _BLOCK_HASH.fullmatch(params[0]) is not None
+    """True when the first param is a full block hash, bare or ``{hash}`` / ``{archive}`` (tags
+    and ``"latest"`` never are): the answer then says whether its block is final."""
+    if isinstance(params, list) and params:
+        ref = methods.block_ref(params[0])
+        return ref.kind in ("hash", "archive") and _BLOCK_HASH.fullmatch(ref.value or "") is not None
+    return False
 
 
 def _range_param(params: Any) -> tuple[int, int] | None:
-    """``(from, limit)`` of a ``node_getBlocks`` call, when both are positive JSON numbers."""
-    if isinstance(params, list) and len(params) >= 2:
-        start, limit = params[0], params[1]
-        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (start, limit)):
-            return start, limit
-    return None
+    """``(from, limit)`` of a ``getBlocks`` call, when both are at least 1 (numbers or decimal strings)."""
+    return methods.range_of("node_getBlocks", params)
 
 
 def _final_by_params(rule: Rule, params: Any, finalized: int | None) -> bool:
@@ -277,8 +201,12 @@ def _complete(rule: Rule, params: Any, result: Any) -> bool:
 
 
 def decide(method: str, params: Any, finalized: int | None,
-           volatile_ttl: float = DEFAULT_VOLATILE_TTL) -> Decision:
-    """The decision for a call; ``params`` is the request's ``params`` (``[]`` when absent).
+           volatile_ttl: float = DEFAULT_VOLATILE_TTL, chain: Any = None) -> Decision:
+    """The decision for a call; ``params`` is the request's ``params`` (``[]`` when absent);
+    ``chain`` the chain identity the key carries (:func:`cache_key`).
+
+    Tags (``proposed``, ``checkpointed``, ``proven``, ``finalized``, also as ``{tag}``) and
+    ``"latest"`` name a moving block: volatile, never immutable by their params.
 
     A block number above the finalized tip is volatile, not never: its answer may still change
     (a reorg, a prune), but no more often than the tip that callers poll anyway.
@@ -286,7 +214,7 @@ def decide(method: str, params: Any, finalized: int | None,
     rule = RULES.get(method, Rule.NEVER)
     if rule is Rule.NEVER:
         return NEVER_DECISION
-    key = cache_key(method, params)
+    key = cache_key(method, params, chain)
     if _final_by_params(rule, params, finalized):
         return Decision(IMMUTABLE, None, key)
     return Decision(VOLATILE, volatile_ttl, key)
@@ -296,7 +224,8 @@ def storable(decision: Decision, method: str, params: Any, result_present: bool,
              finalized: int | None, *, error: bool = False) -> float | None:
     """Seconds to keep this answer: :data:`FOREVER`, a volatile TTL, or None for "do not store".
 
-    ``result_present`` is False for a not-found answer (no ``result`` key); pass ``error=True``
+    ``result_present`` is False for a not-found answer (no ``result`` key); a ``null`` result is
+    not-found too (5.x), whatever ``result_present`` says; pass ``error=True``
     for an ``error`` answer, which is never stored. ``finalized`` is the current majority tip (it
     may have moved since :func:`decide`).
 
@@ -307,6 +236,8 @@ def storable(decision: Decision, method: str, params: Any, result_present: bool,
     """
     if error or decision.kind == NEVER:
         return None
+    # 5.x writes not-found as ``"result": null``, 4.x as no ``result`` key: the same answer.
+    result_present = result_present and result is not None
     rule = RULES.get(method, Rule.NEVER)
     if decision.kind == IMMUTABLE:
         return FOREVER if result_present and _complete(rule, params, result) else None

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Union
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from sentinel_proxy.core import methods
+
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
@@ -41,10 +43,13 @@ RATE_LIMITED = -32006
 #: Gateway-defined: the request presented an API key the gateway does not know (HTTP 401).
 UNKNOWN_API_KEY = -32007
 
-#: Never forwarded, whatever the policy says: the node's admin API (aztec-node-api.md).
+#: The node's admin API (aztec-node-api.md); every admin and debug namespace, in any case, is
+#: refused whatever the policy says (:func:`.methods.refused_namespace`).
 ADMIN_PREFIX = "nodeAdmin_"
-#: Calls with effects (writes): sent to a second node only if the first provably never got them.
-UNSAFE_METHODS = frozenset({"node_sendTx"})
+#: Calls with effects (writes), by their wire names: sent to a second node only if the first
+#: provably never got them. :func:`safe_to_repeat` reads the method table (``node_sendTx_x`` is a
+#: ``sendTx`` to the node too).
+UNSAFE_METHODS = frozenset(name for name in methods.full_names() if not methods.safe(name))
 
 #: The id written when the caller's id cannot be told (a parse error, an item that is no object).
 NULL_ID = b"null"
@@ -79,9 +84,10 @@ def error_body(request_id: Any, code: int, message: str) -> bytes:
 @dataclass(frozen=True)
 class MethodPolicy:
     """Which methods go upstream: names or ``namespace_*`` patterns; deny wins over allow, and
-    ``nodeAdmin_*`` is refused whatever either list says."""
+    the admin and debug namespaces (``nodeAdmin_``, ``aztecAdmin_``, ``nodeDebug_``,
+    ``aztecDebug_``, in any case) are refused whatever either list says."""
 
-    allow: tuple[str, ...] = ("node_*", "p2p_*")
+    allow: tuple[str, ...] = ("node_*", "aztec_*", "p2p_*")
     deny: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -100,7 +106,7 @@ class MethodPolicy:
         return verdict
 
     def _allows(self, method: str) -> bool:
-        if method.startswith(ADMIN_PREFIX):
+        if methods.refused_namespace(method):
             return False
         if method in self._deny_exact or method.startswith(self._deny_prefixes):  # type: ignore[attr-defined]
             return False
@@ -412,7 +418,12 @@ def allowed_body(parsed: ParsedRequest) -> bytes:
 
 
 def safe_to_repeat(calls: tuple[Call, ...]) -> bool:
-    return not any(call.method in UNSAFE_METHODS for call in calls)
+    """False when some call has effects (the method table's ``safe``: ``node_sendTx``,
+    ``aztec_sendTx``, and ``*_sendTx_anything``, which the node serves as ``sendTx``)."""
+    for call in calls:
+        if not methods.safe(call.method):
+            return False
+    return True
 
 
 def oldest_block(calls: tuple[Call, ...]) -> int | None:

@@ -1,51 +1,31 @@
 """Pure: which block a call needs, so calls about old state go to a node that still keeps it.
 
 A pruned node drops world state below its ``oldestHistoricBlockNumber`` and answers questions
-about older blocks with an error; an archiver keeps it all. Only an explicit block number (a JSON
-number) names a height: a hash or ``"latest"`` does not, and a decimal string is a hash
-(aztec-node-api.md), so neither restricts where the call may go.
+about older blocks with an error; an archiver keeps it all. A block *number* names a height, in
+any form the node reads as one (``990``, ``{"number": 990}``, ``{"number": "990"}``, the anchored
+``{"number": 990, "hash": h}``; the first param of ``getBlocks`` also as ``"990"``). A hash,
+``{archive}``, a tag or ``"latest"`` does not, and a bare decimal string is a hash
+(docs/aztec-protocol.md), so none of them restricts where the call may go.
+
+Which methods take a block first is the method table's routing class (core/methods.py).
 """
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+from sentinel_proxy.core import methods
 from sentinel_proxy.core.jsonrpc import BLOCK_UNAVAILABLE, Call, error_item
 
-#: Methods whose first parameter is a block parameter (4.x names; the list changes between versions,
-#: so an unknown method simply places no requirement).
-BLOCK_PARAM_METHODS = frozenset({
-    "node_getBlock",
-    "node_getBlocks",
-    "node_getBlockHeader",
-    "node_getPublicStorageAt",
-    "node_findLeavesIndexes",
-    "node_getNullifierMembershipWitness",
-    "node_getLowNullifierMembershipWitness",
-    "node_getPublicDataWitness",
-    "node_getPublicDataTreeWitness",
-    "node_getArchiveMembershipWitness",
-    "node_getNoteHashMembershipWitness",
-    "node_getL1ToL2MessageMembershipWitness",
-    "node_getBlockHashMembershipWitness",
-    "node_getArchiveSiblingPath",
-    "node_getNoteHashSiblingPath",
-    "node_getNullifierSiblingPath",
-    "node_getPublicDataSiblingPath",
-    "node_getL1ToL2MessageSiblingPath",
-})
+#: Wire names whose first parameter names a block (derived from the method table, kept for readers).
+BLOCK_PARAM_METHODS = frozenset(
+    name for name in methods.full_names() if methods.routing_class(name) is not None)
 
 
 def block_needed(call: Call) -> int | None:
-    """The explicit block number this call reads at, if any."""
-    if call.method not in BLOCK_PARAM_METHODS:
+    """The block number this call reads at, if its params name one in any form."""
+    if methods.routing_class(call.method) is None:
         return None
-    params = call.request.get("params")
-    if not isinstance(params, list) or not params:
-        return None
-    block = params[0]
-    if isinstance(block, int) and not isinstance(block, bool) and block >= 0:
-        return block
-    return None
+    return methods.block_number(call.method, call.request.get("params"))
 
 
 def oldest_needed(calls: Iterable[Call]) -> int | None:

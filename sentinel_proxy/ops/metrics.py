@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
 
+from sentinel_proxy.core import methods
 from sentinel_proxy.state.backends import BackendPool
 
 #: Value of the prototype's "method" label; kept for compatibility (it always said "proxy").
@@ -32,35 +33,15 @@ PROXY_METHOD = "proxy"
 NO_BACKEND = "none"
 OTHER_METHOD = "other"
 
-#: Public Aztec node methods (2.x to 4.x) that get their own label value.
-KNOWN_METHODS = frozenset({
-    "node_isReady", "node_getNodeInfo", "node_getNodeVersion", "node_getVersion", "node_getChainId",
-    "node_getL1ContractAddresses", "node_getProtocolContractAddresses", "node_getEncodedEnr",
-    "node_getBlockNumber", "node_getProvenBlockNumber", "node_getCheckpointedBlockNumber", "node_getL2Tips",
-    "node_getBlock", "node_getBlocks", "node_getBlockByHash", "node_getBlockByArchive", "node_getBlockHeader",
-    "node_getPublishedBlocks", "node_getCheckpoints", "node_getCheckpointedBlocks",
-    "node_getTxReceipt", "node_getTxEffect", "node_getTxByHash", "node_getTxsByHash", "node_getPendingTxs",
-    "node_getPendingTxCount", "node_sendTx", "node_isValidTx", "node_simulatePublicCalls",
-    "node_getPublicStorageAt", "node_getContract", "node_getContractClass", "node_getCurrentBaseFees",
-    "node_getCurrentMinFees", "node_getMaxPriorityFees", "node_getValidatorsStats", "node_getValidatorStats",
-    "node_getWorldStateSyncStatus", "node_getL2ToL1Messages", "node_getLogsByTags", "node_getPrivateLogsByTags",
-    "node_getPublicLogsByTagsFromContract", "node_getPublicLogs", "node_getPrivateLogs",
-    "node_getContractClassLogs", "node_findLeavesIndexes", "node_getNullifierMembershipWitness",
-    "node_getLowNullifierMembershipWitness", "node_getPublicDataWitness", "node_getPublicDataTreeWitness",
-    "node_getArchiveMembershipWitness", "node_getNoteHashMembershipWitness",
-    "node_getL1ToL2MessageMembershipWitness", "node_getBlockHashMembershipWitness",
-    "node_getL1ToL2MessageBlock", "node_isL1ToL2MessageSynced", "node_getArchiveSiblingPath",
-    "node_getNoteHashSiblingPath", "node_getNullifierSiblingPath", "node_getPublicDataSiblingPath",
-    "node_getL1ToL2MessageSiblingPath", "node_registerContractFunctionSignatures", "node_getAllowedPublicSetup",
-    "p2p_getPeers", "p2p_getPendingTxs", "p2p_getPendingTxCount", "p2p_getEncodedEnr", "p2p_getTxByHash",
-    "p2p_getTxStatus", "p2p_getAttestationsForSlot",
-})
+#: Every method of the method table (4.x ``node_*``, 5.x ``aztec_*``, ``p2p_*``) gets its own label
+#: value, spelled exactly; anything else is "other", so the label set stays bounded.
+KNOWN_METHODS = methods.metric_labels()
 
 ROUTES = ("/", "/archiver", "/pruned")
 OUTCOMES = ("ok", "rpc_error", "upstream_error", "timeout", "rejected")
 INTEGRITY_STATUSES = ("perfect", "good", "bad", "unverified")
 ROUTING_STATES = ("preferred", "fallback", "quarantined", "down", "drained")
-QUARANTINE_REASONS = ("lag", "chain")
+QUARANTINE_REASONS = ("lag", "chain", "diverged")
 NODE_TYPES = ("archiver", "pruned")
 BREAKER_STATES = ("closed", "open", "half-open")
 BATCH_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)

@@ -118,13 +118,16 @@ class Caching:
 
     def __init__(self, cache: IResponseCache, metrics: Metrics, volatile_ttl: float,
                  finalized: Callable[[], int | None], forward: Callable[[Plan], Awaitable[Reply]],
-                 flights: SingleFlight | None = None):
+                 flights: SingleFlight | None = None, chain: Callable[[], Any] | None = None):
         self._cache = cache
         self._metrics = metrics
         self._volatile_ttl = volatile_ttl
         #: The finalized tip, read when deciding and again when storing: it may move while a call is out.
         self._finalized = finalized
         self._forward = forward
+        #: The chain identity every key carries (``BackendPool.chain_identity``): while it is
+        #: unknown nothing is cached. None: keys carry no chain (a stage not given the pool's chain).
+        self._chain = chain
         self._flights = flights if flights is not None else SingleFlight()
         #: x-aztec-* headers of the latest answer from a node: a full cache hit still carries them,
         #: since clients check the chain and versions in them.
@@ -140,6 +143,11 @@ class Caching:
         all), which costs less than taking it apart.
         """
         parsed = plan.parsed
+        chain = None
+        if self._chain is not None:
+            chain = self._chain()
+            if chain is None:  # no majority chain yet: an entry could be another chain's
+                return None
         finalized = self._finalized()
         volatile_ttl = self._volatile_ttl
         decisions = []
@@ -149,7 +157,7 @@ class Caching:
             if RULES.get(call.method, Rule.NEVER) is Rule.NEVER:
                 decision = NEVER_DECISION
             else:
-                decision = decide(call.method, call.params, finalized, volatile_ttl)
+                decision = decide(call.method, call.params, finalized, volatile_ttl, chain)
                 cacheable = cacheable or decision.kind != NEVER
             decisions.append(decision)
         if not cacheable:

@@ -5,8 +5,11 @@ breakers and the hedge delay learn from real traffic.
 """
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
+
+import msgspec
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -16,7 +19,7 @@ from sentinel_proxy.core import answers, jsonrpc
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
-from sentinel_proxy.proxy.values import Attempt, Plan, Reply, error_reply
+from sentinel_proxy.proxy.values import JSON_HEADERS, Attempt, Plan, Reply, error_reply
 from sentinel_proxy.state.backends import Backend, BackendPool
 from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
 
@@ -47,6 +50,67 @@ def inflate(body: bytes, coding: bytes, limit: int) -> bytes | None:
     if len(plain) > limit or not inflater.eof:
         return None
     return plain
+
+
+#: A node's "state of block N is not available here" (docs/aztec-protocol.md, "Old state on a pruned
+#: node"): -32702 with the 5.x world state's or the 4.x native tree's wording.
+PRUNED_CODE = -32702
+_PRUNED = re.compile(r"Unable to find leaf for block (\d+) in the archive tree: world state history has been pruned"
+                     r"|Unable to (?:find low leaf|get leaf at index \d+) for block (\d+), failed to get block data")
+
+
+def pruned_block(error: Any) -> int | None:
+    """The block N of a pruned-state error object (decoded), else None."""
+    if not isinstance(error, dict) or error.get("code") != PRUNED_CODE:
+        return None
+    message = error.get("message")
+    match = _PRUNED.search(message) if isinstance(message, str) else None
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
+def _pruned_items(result: Attempt) -> dict[int, int]:
+    """Index in the answer items -> block N, for each item that is a pruned-state error."""
+    found: dict[int, int] = {}
+    for index, item in enumerate(result.items or ()):
+        if item is None or item.error is msgspec.UNSET:
+            continue
+        raw = bytes(item.error)
+        if b"-32702" not in raw:
+            continue
+        try:
+            block = pruned_block(msgspec.json.decode(raw))
+        except msgspec.DecodeError:
+            continue
+        if block is not None:
+            found[index] = block
+    return found
+
+
+def unavailable_reply(plan: Plan, result: Attempt, pruned: dict[int, int], attempts: int) -> Reply:
+    """The pruned-state answer with each pruned item turned into -32004 (no node keeps the block):
+    HTTP 400 for a single call, the batch's other items as the node sent them."""
+    parsed = plan.parsed
+    items = list(result.items or ())
+    pieces: dict[int, bytes] = {}
+    for index, call in enumerate(parsed.calls):
+        item = items[index] if index < len(items) else None
+        if index in pruned:
+            message = (f"Block {pruned[index]} is older than any available node keeps "
+                       "(its state was pruned on the node asked); no archiver node has it")
+            error = jsonrpc.encode({"code": jsonrpc.BLOCK_UNAVAILABLE, "message": message})
+            item = items[index] = answers.Answer(id=msgspec.Raw(call.id or b"null"), error=msgspec.Raw(error))
+        if item is not None:
+            pieces[call.position] = answers.rebuilt(call.id, item)
+    if parsed.is_batch:
+        body = jsonrpc.merge_batch(parsed, pieces)
+        status = 200
+    else:
+        body = pieces[parsed.calls[0].position]
+        status = 400
+    return Reply(status, body, JSON_HEADERS, result.backend,
+                 "rpc_error", attempts, items=items)
 
 
 def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str) -> Attempt:
@@ -158,12 +222,15 @@ class Failover:
         limits = plan.limits
         tried: list[Backend] = []
         failure: Attempt | None = None
+        block = plan.block
+        #: The last answer that said "state of block N pruned here", and which items said so.
+        pruned: tuple[Attempt, dict[int, int]] | None = None
         while len(tried) < limits.max_attempts:
             now = self._clock.seconds()
             remaining = plan.deadline - now
             if remaining <= 0:
                 break
-            pick = self._pool.pick(plan.route, plan.block, tried, now)
+            pick = self._pool.pick(plan.route, block, tried, now)
             if pick.backend is None:
                 break
             if failure is not None:
@@ -179,10 +246,23 @@ class Failover:
             else:
                 result = await self._attempt(plan, pick.backend, min(limits.attempt_timeout, remaining))
             if result.ok:
-                return answer_reply(result, pick.fallback, len(tried))
+                found = _pruned_items(result) if result.errors and plan.safe else {}
+                if not found:
+                    return answer_reply(result, pick.fallback, len(tried))
+                # The pruning edge: the node no longer keeps N. Not a failure (it answered); it
+                # keeps nothing below N+1 from now on, and the call goes to a node that keeps N.
+                oldest = min(found.values())
+                self._pool.note_pruned(result.backend, max(found.values()))
+                block = oldest if block is None else min(block, oldest)
+                pruned = result, found
+                log.info("request {request_id}: {backend} no longer keeps block {block}; asking a node that does",
+                         request_id=plan.request_id, backend=result.backend.name, block=oldest)
+                continue
             failure = result
             if result.kind not in _RETRYABLE or not (plan.safe or result.kind == "connect"):
                 break
+        if pruned is not None:
+            return unavailable_reply(plan, pruned[0], pruned[1], len(tried))
         if failure is None:
             return error_reply(503, jsonrpc.NO_BACKEND, f"No healthy node available for {plan.route}")
         timeout = failure.kind == "timeout"

@@ -42,7 +42,7 @@ class RequestPath:
         self._rate_limit = RateLimit(limiter)
         self._failover = Failover(pool, upstream, metrics, clock)
         self._caching = None if cache is None else Caching(cache, metrics, volatile_ttl, lambda: pool.finalized,
-                                                           self._failover.forward)
+                                                           self._failover.forward, chain=pool.chain_identity)
         self._telemetry = Telemetry(metrics, clock, access_log, worker)
 
     @property

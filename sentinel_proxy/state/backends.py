@@ -242,6 +242,24 @@ class BackendPool:
         #: The last cross-node agreement analysis (core/agreement.py).
         self.agreement = agreement.Agreement()
         self._no_finalized = False
+        #: The majority chain of the healthy nodes, ``(l1ChainId, rollupVersion)`` (None: unknown).
+        self._chain: tuple[str, str] | None = None
+        self._rebuild()
+
+    def chain_identity(self) -> tuple[str, str] | None:
+        """The chain the gateway serves: the healthy nodes' majority ``(l1ChainId, rollupVersion)``,
+        None until the health check knows one. Every cache key carries it."""
+        return self._chain
+
+    def note_pruned(self, backend: Backend, block: int) -> None:
+        """The node said it no longer keeps the state of ``block``: its known oldest block becomes
+        at least ``block + 1`` at once (the next health round may move it further), and the routes
+        are rebuilt, so calls about ``block`` go to a node that keeps it."""
+        oldest = block + 1
+        if backend.oldest_block is not None and backend.oldest_block >= oldest:
+            return
+        backend.oldest_block = oldest
+        backend.rescore()
         self._rebuild()
 
     def replace(self, entries: Iterable[BackendEntry]) -> None:
@@ -314,6 +332,7 @@ class BackendPool:
                 for name, value in state.items():
                     setattr(backend, name, value)
                 backend.rescore()
+        self._chain = scoring.majority(b.chain for b in self.backends if b.healthy and b.chain is not None)
         self._rebuild()
 
     def find(self, name: str) -> Backend | None:
@@ -401,7 +420,7 @@ class BackendPool:
         and has no say in the finalized tip.
         """
         healthy = [b for b in self.backends if b.healthy]
-        chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
+        chain = self._chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
         for backend in self.backends:
             backend.quarantine.clear()
             if chain is not None and backend.chain is not None and backend.chain != chain:

@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sentinel_proxy.core import methods as method_table
 from sentinel_proxy.interfaces import IRateLimiter
 
 from sentinel_proxy.ops.logs import observer
@@ -48,24 +49,17 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Tokens one call of a method takes; any other method takes 1. The weights follow what a call
 #: costs the node and the gateway (answer size, work per call), not what it is worth to a client;
 #: docs/rate-limiting.md explains each row.
+#: Every wire name of the method table (core/methods.py) that costs more than 1.
 DEFAULT_COSTS: Mapping[str, float] = MappingProxyType({
-    "node_getValidatorsStats": 20.0,
-    "node_getValidatorStats": 5.0,
-    "node_getBlocks": 5.0,
-    "node_simulatePublicCalls": 5.0,
-    "node_isValidTx": 5.0,
-    "node_getPendingTxs": 5.0,
-    "p2p_getPendingTxs": 5.0,
-    "node_getPublicLogs": 3.0,
-    "node_getContractClassLogs": 3.0,
-    "node_sendTx": 2.0,
-    "node_getTxsByHash": 2.0,
-})
+    name: method_table.cost(name) for name in method_table.full_names() if method_table.cost(name) != 1.0})
 
 
 def request_cost(methods: Iterable[str], costs: Mapping[str, float] = DEFAULT_COSTS) -> float:
     """The tokens a request takes: the sum of its calls' costs (a batch is charged per call, so
-    splitting work into batches buys nothing); a method missing from ``costs`` costs 1."""
+    splitting work into batches buys nothing); a method missing from ``costs`` costs 1, or its
+    row's cost in the method table for the default costs (``node_sendTx_x`` is a ``sendTx``)."""
+    if costs is DEFAULT_COSTS:
+        return float(sum(costs.get(method) or method_table.cost(method) for method in methods))
     return float(sum(costs.get(method, 1.0) for method in methods))
 
 
