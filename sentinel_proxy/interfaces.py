@@ -86,6 +86,7 @@ class ICheckClient(Interface):
         """Coroutine: ``calls`` ((method, params), ...) in one JSON-RPC batch, as ``fetch``.
 
         Returns (results, headers): one item per call, in the order of ``calls`` whatever order
-        the node answers in, each the call's ``result`` or an ``RpcCallError``. Raises
+        the node answers in, each the call's ``result`` or an ``RpcCallError`` (a ``CallError``
+        with the JSON-RPC code for an error answer). Raises
         ``RpcCallError`` when the answer as a whole is not a JSON array.
         """

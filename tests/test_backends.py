@@ -106,6 +106,47 @@ def test_reassess_quarantines_lagging_and_foreign_nodes():
     assert not c.quarantine and pool.candidates("/") == [a, b, c]
 
 
+def test_chain_identity_carries_the_majority_protocol_contracts_hash():
+    pool = healthy_pool(5)
+    a, b, c, d, e = pool.backends
+    for backend in (a, b, c):
+        pool.record_health(backend, True, now=1.0, block_number=100, chain=("1", "7"))
+    pool.reassess()
+    assert pool.chain_identity() == ("1", "7"), "no node reports a hash (older nodes): the 2-tuple"
+    pool.record_health(a, True, now=2.0, block_number=100, chain=("1", "7"), protocol_contracts="0xaa")
+    pool.record_health(b, True, now=2.0, block_number=100, chain=("1", "7"), protocol_contracts="0xaa")
+    pool.record_health(c, True, now=2.0, block_number=100, chain=("1", "7"), protocol_contracts="0xbb")
+    # Two nodes of another chain, with the hash of the minority: no say on the hash.
+    pool.record_health(d, True, now=2.0, block_number=100, chain=("1", "8"), protocol_contracts="0xbb")
+    pool.record_health(e, True, now=2.0, block_number=100, chain=("1", "8"), protocol_contracts="0xbb")
+    pool.reassess()
+    assert pool.chain_identity() == ("1", "7", "0xaa"), "a node with another hash does not change the majority"
+    assert a.chain == ("1", "7") and not c.quarantine, "the chain (and its quarantine) stays a 2-tuple"
+    assert set(d.quarantine) == {"chain"}
+    pool.record_health(b, False, now=3.0, error="down")
+    pool.reassess()
+    assert pool.chain_identity() is None, "a tie between hashes: no identity, nothing cached"
+    pool.record_health(b, True, now=4.0, block_number=100)
+    pool.reassess()
+    assert pool.chain_identity() == ("1", "7", "0xaa"), "a round without the header keeps the known hash"
+    assert backend_document(a)["protocolContracts"] == "0xaa" and backend_document(a)["chain"] == {
+        "l1ChainId": "1", "rollupVersion": "7"}
+
+
+def test_workers_snapshot_carries_the_protocol_contracts_hash():
+    leader = BackendPool([("a", "http://a:1"), ("b", "http://b:1")])
+    a, b = leader.backends
+    leader.record_health(a, True, now=5.0, block_number=42, chain=("1", "1"), protocol_contracts="0xaa")
+    leader.record_health(b, False, now=5.0, error="down")
+    leader.reassess()
+    follower = BackendPool([])
+    snapshot = pickle.loads(pickle.dumps(leader.snapshot()))
+    follower.replace(snapshot["entries"])
+    follower.apply(snapshot)
+    assert follower.backends[0].protocol_contracts == "0xaa"
+    assert follower.chain_identity() == leader.chain_identity() == ("1", "1", "0xaa")
+
+
 def test_priority_follows_state_changes():
     pool = BackendPool(["http://a:1"])
     backend = pool.backends[0]

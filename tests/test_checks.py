@@ -19,6 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sentinel_proxy.checks import CheckClient, HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
+from sentinel_proxy.checks.health import protocol_contracts_of
 from sentinel_proxy.checks.client import CHECK_MAX_RESPONSE, RpcCallError
 from sentinel_proxy.checks.health import HEALTH_CALLS, TIPS_METHODS, archive_call, archive_of
 from sentinel_proxy.checks.integrity import Runner, run_inline
@@ -246,6 +247,19 @@ def test_answers_are_matched_by_id_not_position():
     service.stopService()
 
 
+def test_the_protocol_contracts_hash_is_read_from_the_header():
+    clock = task.Clock()
+    setup = Setup(clock, {"a": simulated("pruned", clock), "b": simulated("pruned", clock, dialect="5")})
+    service = setup.health()
+    service.startService()
+    a, b = setup.pool.backends
+    seen = a.protocol_contracts
+    assert seen is not None and seen.startswith("0x") and len(seen) == 66, "x-aztec-l2ProtocolContractsHash"
+    assert b.protocol_contracts == seen and a.chain == b.chain == ("31337", "1")
+    assert setup.pool.chain_identity() == ("31337", "1", seen)
+    service.stopService()
+
+
 def test_error_answers_fail_only_the_calls_that_decide_health():
     headers = {b"content-type": b"application/json", b"x-aztec-l1ChainId": b"1", b"x-aztec-rollupVersion": b"7"}
     clock = task.Clock()
@@ -259,6 +273,8 @@ def test_error_answers_fail_only_the_calls_that_decide_health():
     service.startService()
     old, notready, noblock = setup.pool.backends
     assert old.healthy and old.block_number == 12 and old.chain == ("1", "7") and old.oldest_block is None
+    assert old.protocol_contracts is None, "no x-aztec-l2ProtocolContractsHash header: an older node"
+    assert setup.pool.chain_identity() == ("1", "7")
     assert not notready.healthy and "node_isReady: error" in notready.last_error and "not synced" in notready.last_error
     assert not noblock.healthy and "node_getBlockNumber: error" in noblock.last_error
     service.stopService()
@@ -693,6 +709,9 @@ def test_chain_identity_sources():
     assert chain_of({"l1ChainId": 5, "rollupVersion": 3}, headers) == ("5", "3")
     assert chain_of(RpcCallError("no such method"), headers) == ("1", "7")
     assert chain_of(None, Headers()) is None
+    assert protocol_contracts_of(Headers({b"x-aztec-l2ProtocolContractsHash": [b"0xABcd"]})) == "0xabcd"
+    assert protocol_contracts_of(Headers({b"x-aztec-l2ProtocolContractsHash": [b" "]})) is None
+    assert protocol_contracts_of(headers) is None
     assert oldest_block_of({"oldestHistoricBlockNumber": 12}) == 12
     assert oldest_block_of({"oldestHistoricBlockNumber": True}) is None
     assert oldest_block_of(RpcCallError("x")) is None

@@ -149,3 +149,18 @@ async def test_the_pruning_edge_without_a_keeper_is_block_unavailable(cluster):
     answer = await post_json(url, rpc("node_getPublicStorageAt", [OLD, "0x01", "0x02"]))
     assert answer.code == 400 and answer.json()["error"]["code"] == jsonrpc.BLOCK_UNAVAILABLE
     assert backend.oldest_block == OLD + 1
+
+
+@ensure
+async def test_aztec_names_reach_a_node_that_speaks_them_in_a_mixed_fleet(cluster):
+    v4 = cluster.node("archiver", dialect="4")
+    v5 = cluster.node("archiver", dialect="5")
+    direct = (await post_json(v4.url, rpc("aztec_getBlockNumber"))).json()
+    assert direct["error"]["code"] == jsonrpc.METHOD_NOT_FOUND, "the 4.x node does not know aztec_*"
+    service, url = await cluster.gateway([v4, v5])
+    for index in range(20):  # whichever node is picked first, the caller gets the 5.x answer
+        answer = await post_json(url, rpc("aztec_getBlockNumber", id_=index))
+        assert answer.code == 200 and isinstance(answer.json()["result"], int), answer.json()
+        assert answer.json()["id"] == index
+    assert v4.node.calls.get("aztec_getBlockNumber", 0) > 0, "the 4.x node was never picked first"
+    assert all(b.breaker.state == "closed" for b in service.pool.backends)

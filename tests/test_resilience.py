@@ -388,14 +388,17 @@ async def test_write_fails_over_when_the_connection_is_refused(cluster):
         deltas = [n.node.requests - b for n, b in zip(nodes, before)]
     finally:
         revive(nodes[0], port_number)
-    assert deltas == [0, 1, 0], deltas
-    assert nodes[1].node.calls["node_sendTx"] == 1
-    # The second node's own answer comes back (the simulator does not implement node_sendTx).
-    assert answer.header("x-sentinel-backend") == backends[1].name
-    assert answer.header("x-sentinel-attempts") == "2"
+    # The simulator does not implement node_sendTx: its "method not found" proves the second node
+    # executed nothing either (a node of another dialect), so the write goes on to the third, once.
+    assert deltas == [0, 1, 1], deltas
+    assert nodes[1].node.calls["node_sendTx"] == 1 and nodes[2].node.calls["node_sendTx"] == 1
+    assert answer.header("x-sentinel-backend") == backends[2].name
+    assert answer.header("x-sentinel-attempts") == "3"
     assert answer.code == 400 and answer.json()["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
     assert sample(service, "sentinel_proxy_upstream_attempts_total", backend=backends[0].label, result="connect") == 1
-    assert sample(service, "sentinel_proxy_failovers_total", route="/") == 1
+    assert sample(service, "sentinel_proxy_upstream_attempts_total", backend=backends[1].label,
+                  result="wrong_dialect") == 1
+    assert sample(service, "sentinel_proxy_failovers_total", route="/") == 2
 
 
 @ensure

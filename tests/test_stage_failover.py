@@ -281,3 +281,84 @@ def test_node_totals_count_each_request_once_on_the_node_that_answered():
         gateway.client.script(name, UpstreamError("transport", "reset"))
     assert settled(gateway.handle(rpc("node_getBlockNumber"))).status == 502
     assert [(b.total_requests, b.total_errors) for b in (n0, n1, n2)] == [(0, 0), (1, 0), (1, 1)]
+
+
+def not_found(id_=1, method="aztec_getBlockNumber") -> dict:
+    return {"jsonrpc": "2.0", "id": id_, "error": {"code": jsonrpc.METHOD_NOT_FOUND,
+                                                   "message": f"Method not found: {method}"}}
+
+
+def test_a_node_that_does_not_speak_the_dialect_hands_the_call_to_another():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    nodes.client.script("n0:1", answer(not_found(), code=400))
+    nodes.client.script("n1:1", answer(result(7)))
+    reply = settled(nodes.forward(rpc("aztec_getBlockNumber")))
+    assert (reply.status, reply.outcome, reply.attempts, reply.backend.name) == (200, "ok", 2, "n1:1")
+    assert json.loads(reply.body) == result(7) and nodes.asked() == ["n0:1", "n1:1"]
+    assert nodes.attempts("n0:1", "wrong_dialect") == 1.0
+    assert nodes.pool.backends[0].breaker.state == "closed", "not the node's failure"
+    assert list(nodes.pool.backends[0].answer_latency) == []
+
+
+def test_a_write_in_the_wrong_dialect_is_repeated_on_another_node():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    nodes.client.script("n0:1", answer(not_found(method="aztec_sendTx"), code=400))
+    nodes.client.script("n1:1", answer(result("0xtx")))
+    reply = settled(nodes.forward(rpc("aztec_sendTx", [{}])))
+    assert (reply.status, reply.backend.name, nodes.asked()) == (200, "n1:1", ["n0:1", "n1:1"])
+    assert nodes.pool.backends[0].breaker.state == "closed"
+
+
+def test_a_version_only_method_and_an_all_not_found_batch_fail_over_too():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer(not_found(method="node_getL2Tips")))
+    nodes.client.script("n1:1", answer(result({"proposed": {}})))
+    assert settled(nodes.forward(rpc("node_getL2Tips"))).backend.name == "n1:1"
+    nodes = Nodes()
+    batch = [rpc("aztec_getBlockNumber", id_=1), rpc("aztec_getChainTips", id_=2)]
+    nodes.client.script("n0:1", answer([not_found(2), not_found(1)]))
+    nodes.client.script("n1:1", answer([result(7, 1), result({}, 2)]))
+    reply = settled(nodes.forward(batch))
+    assert reply.backend.name == "n1:1" and [item["id"] for item in json.loads(reply.body)] == [1, 2]
+
+
+def test_when_no_node_speaks_the_dialect_the_last_not_found_is_the_answer():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    for name in nodes.names:
+        nodes.client.script(name, answer(not_found(), code=400, headers={b"x-aztec-node": [name.encode()]}))
+    reply = settled(nodes.forward(rpc("aztec_getBlockNumber")))
+    assert (reply.status, reply.outcome, reply.attempts, reply.backend.name) == (400, "rpc_error", 3, "n2:1")
+    assert json.loads(reply.body) == not_found() and (b"x-aztec-node", b"n2:1") in reply.headers
+    assert nodes.asked() == nodes.names
+    assert all(b.breaker.state == "closed" for b in nodes.pool.backends), "no breaker charged"
+    # The same with the node's HTTP 200 (the status passes through as the node sent it).
+    nodes = Nodes(count=2)
+    for name in nodes.names:
+        nodes.client.script(name, answer(not_found(method="aztec_sendTx")))
+    reply = settled(nodes.forward(rpc("aztec_sendTx", [{}])))
+    assert (reply.status, reply.outcome, code_of(reply), nodes.asked()) == (200, "rpc_error", -32601, nodes.names)
+
+
+def test_a_later_failure_after_a_wrong_dialect_is_reported_as_a_failure():
+    nodes = Nodes(count=2)
+    nodes.client.script("n0:1", answer(not_found(method="aztec_sendTx")))
+    nodes.client.script("n1:1", UpstreamError("timeout", "no answer within 1 s"))
+    reply = settled(nodes.forward(rpc("aztec_sendTx", [{}])))
+    assert (reply.status, reply.outcome) == (502, "timeout"), "the write may have reached n1: not a -32601"
+
+
+def test_a_not_found_for_a_method_the_gateway_does_not_know_is_not_retried():
+    nodes = Nodes()
+    nodes.client.script("n0:1", answer(not_found(method="node_getNothing"), code=400))
+    reply = settled(nodes.forward(rpc("node_getNothing")))
+    assert (reply.status, reply.outcome, nodes.asked()) == (400, "rpc_error", ["n0:1"])
+    assert nodes.attempts("n0:1", "ok") == 1.0
+
+
+def test_a_batch_with_only_some_not_found_items_passes_through():
+    nodes = Nodes()
+    batch = [rpc("aztec_getBlockNumber", id_=1), rpc("node_getBlockNumber", id_=2)]
+    nodes.client.script("n0:1", answer([not_found(1), result(7, 2)]))
+    reply = settled(nodes.forward(batch))
+    assert (reply.backend.name, nodes.asked()) == ("n0:1", ["n0:1"])
+    assert json.loads(reply.body) == [not_found(1), result(7, 2)]

@@ -37,6 +37,15 @@ class RpcCallError(Exception):
     """A check call got an answer that is not a usable JSON-RPC result."""
 
 
+class CallError(RpcCallError):
+    """A JSON-RPC error answer to one call, with its code: the health check tells "method not
+    found" (the node speaks another dialect) from other errors."""
+
+    def __init__(self, message: str, code: int | None):
+        super().__init__(message)
+        self.code = code
+
+
 #: What a check call raises when the node, not the check, is at fault.
 NODE_ERRORS = (UpstreamError, RpcCallError)
 
@@ -100,7 +109,8 @@ class CheckClient:
 
     async def batch(self, backend: Backend, calls: Sequence[tuple[str, list[Any]]],
                     timeout: float) -> tuple[list[Any], Headers]:
-        """Answers are matched by id, not position, so a node that reorders them is still read right."""
+        """Answers are matched by id, not position, so a node that reorders them is still read right;
+        an error answer is a :class:`CallError` carrying its code."""
         body = b"[" + b",".join(request_body(method, params, i) for i, (method, params) in enumerate(calls)) + b"]"
         answer = await self.fetch(backend, body, timeout)
         items = parse_json("batch", answer.body)
@@ -110,8 +120,14 @@ class CheckClient:
         by_id = {item["id"]: item for item in items if isinstance(item, dict) and type(item.get("id")) is int}
         results: list[Any] = []
         for i, (method, _) in enumerate(calls):
+            item = by_id.get(i)
+            error = item.get("error") if isinstance(item, dict) else None
+            if isinstance(error, dict):
+                code = error.get("code")
+                results.append(CallError(f"{method}: error {error!r:.200}", code if type(code) is int else None))
+                continue
             try:
-                results.append(result_of(method, by_id.get(i)))
+                results.append(result_of(method, item))
             except RpcCallError as exc:
                 results.append(exc)
         return results, answer.headers

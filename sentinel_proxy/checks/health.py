@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from sentinel_proxy.checks.client import NODE_ERRORS, RpcCallError, parse_json, request_body, result_of
+from sentinel_proxy.checks.client import NODE_ERRORS, CallError, RpcCallError
 from sentinel_proxy.checks.periodic import PeriodicCheck
 from sentinel_proxy.core.agreement import parse_tips
 from sentinel_proxy.ops.logs import observer
@@ -38,6 +38,14 @@ def chain_of(info: Any, headers: Headers) -> tuple[str, str] | None:
     if chain_id and version:
         return chain_id[0].decode("latin-1"), version[0].decode("latin-1")
     return None
+
+
+def protocol_contracts_of(headers: Headers) -> str | None:
+    """The protocol-contracts hash of the node's ``x-aztec-l2ProtocolContractsHash`` header (every
+    answer carries it; ``node_getNodeInfo`` does not), lower-cased; None when the node sends none."""
+    values = headers.getRawHeaders(b"x-aztec-l2protocolcontractshash")
+    value = values[0].decode("latin-1").strip().lower() if values else ""
+    return value or None
 
 
 def oldest_block_of(sync_status: Any) -> int | None:
@@ -69,14 +77,6 @@ TIPS_METHODS = ("node_getL2Tips", "node_getChainTips", "aztec_getChainTips", "az
 
 #: JSON-RPC "method not found", what both dialects answer for a method they do not serve.
 METHOD_NOT_FOUND = -32601
-
-
-class CallError(RpcCallError):
-    """A JSON-RPC error answer to one call, with its code."""
-
-    def __init__(self, message: str, code: int | None):
-        super().__init__(message)
-        self.code = code
 
 
 def missing(answer: Any) -> bool:
@@ -138,29 +138,6 @@ class HealthService(PeriodicCheck):
     def run_once(self) -> defer.Deferred[Any]:
         return super().run_once().addCallback(lambda _: self._pool.reassess())
 
-    async def _batch(self, backend: Backend, calls: list[tuple[str, list[Any]]]) -> tuple[list[Any], Headers]:
-        """One batch; each answer is its result, or an :class:`RpcCallError` (a :class:`CallError`
-        with the code for an error answer). Matched by id, so a node that reorders answers is read right."""
-        body = b"[" + b",".join(request_body(method, params, i) for i, (method, params) in enumerate(calls)) + b"]"
-        answer = await self._client.fetch(backend, body, self._timeout)
-        items = parse_json("batch", answer.body)
-        if not isinstance(items, list):
-            raise RpcCallError("batch: answer is not a JSON array")
-        by_id = {item["id"]: item for item in items if isinstance(item, dict) and type(item.get("id")) is int}
-        results: list[Any] = []
-        for i, (method, _) in enumerate(calls):
-            item = by_id.get(i)
-            error = item.get("error") if isinstance(item, dict) else None
-            if isinstance(error, dict):
-                code = error.get("code")
-                results.append(CallError(f"{method}: error {error!r:.200}", code if type(code) is int else None))
-                continue
-            try:
-                results.append(result_of(method, item))
-            except RpcCallError as exc:
-                results.append(exc)
-        return results, answer.headers
-
     def _plan(self, backend: Backend) -> Plan:
         """This round's calls: the health calls, the tips method (all candidates while unknown), and
         the archive root at the pool's probe height when the nodes' finalized heights differed."""
@@ -174,7 +151,7 @@ class HealthService(PeriodicCheck):
         started = self.clock.seconds()
         try:
             plan = self._plan(backend)
-            results, headers = await self._batch(backend, plan.calls)
+            results, headers = await self._client.batch(backend, plan.calls, self._timeout)
             remembered = backend.tips_method
             if remembered is not None and missing(results[len(HEALTH_CALLS)]):
                 # Upgraded (4.x -> 5.x) or downgraded behind the same URL: one more batch, this round
@@ -183,7 +160,7 @@ class HealthService(PeriodicCheck):
                          backend=backend.name, method=remembered)
                 backend.tips_method = None
                 plan = self._plan(backend)
-                results, headers = await self._batch(backend, plan.calls)
+                results, headers = await self._client.batch(backend, plan.calls, self._timeout)
             ready, block, info, sync_status = results[:len(HEALTH_CALLS)]
             if ready is not True:
                 raise ready if isinstance(ready, RpcCallError) else RpcCallError(f"node_isReady answered {ready!r:.40}")
@@ -203,7 +180,8 @@ class HealthService(PeriodicCheck):
         if plan.archive is not None and plan.probe is not None:
             archive = archive_of(plan.archive[0], plan.probe, results[-1])
         self._pool.record_health(backend, True, now, block_number=block, latency_ms=(now - started) * 1000.0,
-                                 chain=chain_of(info, headers), oldest_block=oldest_block_of(sync_status),
+                                 chain=chain_of(info, headers), protocol_contracts=protocol_contracts_of(headers),
+                                 oldest_block=oldest_block_of(sync_status),
                                  tips=tips, tips_report=report, archive=archive)
         return True
 

@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from sentinel_proxy.core import answers, jsonrpc
+from sentinel_proxy.core import answers, jsonrpc, methods
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
@@ -113,6 +113,34 @@ def unavailable_reply(plan: Plan, result: Attempt, pruned: dict[int, int], attem
                  "rpc_error", attempts, items=items)
 
 
+def _method_not_found(item: Any) -> bool:
+    """Whether an answer item is a JSON-RPC -32601 (method not found)."""
+    if item is None or item.error is msgspec.UNSET:
+        return False
+    raw = bytes(item.error)
+    if b"-32601" not in raw:
+        return False
+    try:
+        error = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(error, dict) and error.get("code") == jsonrpc.METHOD_NOT_FOUND
+
+
+def wrong_dialect(plan: Plan, items: list[Any] | None) -> bool:
+    """Whether the node does not speak the request's dialect: every call answered -32601 (method
+    not found), and at least one of them is a method of the gateway's table (``aztec_*`` on a 4.x
+    node, a 5.x-only or 4.x-only method on a node of the other version). Such a node executed
+    nothing, so another node may get the calls, writes included. A batch where only some items
+    are -32601 is an answer as it is (the other items were executed)."""
+    calls = plan.parsed.calls
+    if not items or len(items) != len(calls):
+        return False
+    if not any(methods.lookup(call.method) is not None for call in calls):
+        return False  # methods the gateway does not know: their -32601 is the answer
+    return all(_method_not_found(item) for item in items)
+
+
 def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str) -> Attempt:
     log.warn("request {request_id}: {backend} answered HTTP {code} with an unusable body: {why}",
              request_id=plan.request_id, backend=backend.name, code=answer.code, why=why)
@@ -128,6 +156,10 @@ def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
     or when some batch items were refused locally, the caller gets the node's items in request
     order (merged with the refused ones), re-assembled from the node's own item bytes; otherwise
     the node's own bytes, compressed or not.
+
+    An answer of -32601 to every call, known methods among them (:func:`wrong_dialect`), is kind
+    "wrong_dialect": the node does not speak that dialect. It keeps the answer, which the caller
+    gets when no other node answers differently.
     """
     if answer.code >= 500:
         return _bad(plan, backend, answer, "a server error")
@@ -152,13 +184,16 @@ def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
         matched = answers.match(text, parsed.calls, parsed.is_batch, want_pieces=bool(refused))
     except answers.BadAnswer as failure:
         return _bad(plan, backend, answer, str(failure))
+    kind, why = "ok", ""
+    if matched.errors and wrong_dialect(plan, matched.items):
+        kind, why = "wrong_dialect", "-32601 (method not found) to every call: it does not speak that dialect"
     if refused and matched.items is not None:
-        return Attempt(backend, "ok", answer=answer, body=jsonrpc.merge_batch(parsed, matched.pieces),
+        return Attempt(backend, kind, why, answer=answer, body=jsonrpc.merge_batch(parsed, matched.pieces),
                        items=matched.items, errors=True, rewritten=True)
     if matched.body is not None:
-        return Attempt(backend, "ok", answer=answer, body=matched.body, items=matched.items, errors=matched.errors,
+        return Attempt(backend, kind, why, answer=answer, body=matched.body, items=matched.items, errors=matched.errors,
                        rewritten=True)
-    return Attempt(backend, "ok", answer=answer, body=answer.body, encoding=encoding, items=matched.items,
+    return Attempt(backend, kind, why, answer=answer, body=answer.body, encoding=encoding, items=matched.items,
                    errors=matched.errors)
 
 
@@ -218,7 +253,12 @@ class Failover:
     async def forward(self, plan: Plan) -> Reply:
         """Failover: the next-best node after a transport error, timeout, 5xx or garbage, never the
         same node twice, within MAX_ATTEMPTS and the overall deadline; a call that is not safe to
-        repeat goes to a second node only when the first provably never received it."""
+        repeat goes to a second node only when the first provably never received it.
+
+        A node that does not speak the request's dialect (kind "wrong_dialect": -32601 to every
+        call, see :func:`wrong_dialect`) provably executed nothing: the request goes to another
+        node, writes included, and when the last attempt was such an answer the caller gets it as
+        the node sent it (status included) rather than a 502."""
         limits = plan.limits
         tried: list[Backend] = []
         failure: Attempt | None = None
@@ -259,10 +299,15 @@ class Failover:
                          request_id=plan.request_id, backend=result.backend.name, block=oldest)
                 continue
             failure = result
+            if result.kind == "wrong_dialect":
+                continue  # it executed nothing: any call may go to another node
             if result.kind not in _RETRYABLE or not (plan.safe or result.kind == "connect"):
                 break
         if pruned is not None:
             return unavailable_reply(plan, pruned[0], pruned[1], len(tried))
+        if failure is not None and failure.kind == "wrong_dialect":
+            # No node answered otherwise: the -32601 is the answer.
+            return answer_reply(failure, None, len(tried))
         if failure is None:
             return error_reply(503, jsonrpc.NO_BACKEND, f"No healthy node available for {plan.route}")
         timeout = failure.kind == "timeout"
@@ -311,7 +356,9 @@ class Failover:
         self._metrics.observe_attempt(backend.label, result.kind)
         if result.ok:
             self._pool.record_outcome(backend, now, attempt="answered", latency_ms=(now - started) * 1000.0)
-        elif result.kind == "too_large":  # the caller asked for too much: no sign of a failing node
+        elif result.kind in ("too_large", "wrong_dialect"):
+            # The caller asked for too much, or in a dialect the node does not speak: no sign of a
+            # failing node (the node answered, but not with the answer: no latency sample either).
             self._pool.record_outcome(backend, now, attempt="abandoned")
         else:
             self._pool.record_outcome(backend, now, attempt="failed")

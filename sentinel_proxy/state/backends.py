@@ -132,6 +132,9 @@ class Backend:
     verdict: IntegrityVerdict | None = None
     #: (l1ChainId, rollupVersion) as the node reports them; None until known.
     chain: tuple[str, str] | None = None
+    #: The node's ``x-aztec-l2ProtocolContractsHash`` header (None: not known, or an older node that
+    #: sends none). Part of the chain identity in cache keys, not of the chain quarantine.
+    protocol_contracts: str | None = None
     #: ``oldestHistoricBlockNumber``: the oldest block whose state the node still serves.
     oldest_block: int | None = None
     lag: int = 0
@@ -244,12 +247,30 @@ class BackendPool:
         self._no_finalized = False
         #: The majority chain of the healthy nodes, ``(l1ChainId, rollupVersion)`` (None: unknown).
         self._chain: tuple[str, str] | None = None
+        #: What :meth:`chain_identity` answers, recomputed with ``_chain``.
+        self._identity: tuple[str, ...] | None = None
         self._rebuild()
 
-    def chain_identity(self) -> tuple[str, str] | None:
-        """The chain the gateway serves: the healthy nodes' majority ``(l1ChainId, rollupVersion)``,
-        None until the health check knows one. Every cache key carries it."""
-        return self._chain
+    def chain_identity(self) -> tuple[str, ...] | None:
+        """The chain the gateway serves, which every cache key carries: ``(l1ChainId, rollupVersion,
+        protocolContractsHash)``, the majority of the healthy nodes on the majority chain that report
+        a hash; ``(l1ChainId, rollupVersion)`` when none of them does (older nodes). None until the
+        health check knows a majority chain, or while the hashes reported tie (nothing is cached)."""
+        return self._identity
+
+    def _set_chain(self, chain: tuple[str, str] | None) -> None:
+        """Set the majority chain and the chain identity that follows from it."""
+        self._chain = chain
+        if chain is None:
+            self._identity = None
+            return
+        hashes = [b.protocol_contracts for b in self.backends
+                  if b.healthy and b.chain == chain and b.protocol_contracts is not None]
+        if not hashes:
+            self._identity = chain
+            return
+        protocol_contracts = scoring.majority(hashes)
+        self._identity = None if protocol_contracts is None else (*chain, protocol_contracts)
 
     def note_pruned(self, backend: Backend, block: int) -> None:
         """The node said it no longer keeps the state of ``block``: its known oldest block becomes
@@ -313,7 +334,8 @@ class BackendPool:
 
     #: What the worker running the checks hands to the other workers (--workers): everything the
     #: checks decide. Not breakers, drains or counters: those are each worker's own.
-    SHARED_STATE = ("healthy", "block_number", "last_check", "last_error", "verdict", "chain", "oldest_block",
+    SHARED_STATE = ("healthy", "block_number", "last_check", "last_error", "verdict", "chain", "protocol_contracts",
+                    "oldest_block",
                     "lag", "quarantine", "tips", "tips_report", "tips_method", "archive", "divergence", "latency")
 
     def snapshot(self) -> dict[str, Any]:
@@ -332,7 +354,7 @@ class BackendPool:
                 for name, value in state.items():
                     setattr(backend, name, value)
                 backend.rescore()
-        self._chain = scoring.majority(b.chain for b in self.backends if b.healthy and b.chain is not None)
+        self._set_chain(scoring.majority(b.chain for b in self.backends if b.healthy and b.chain is not None))
         self._rebuild()
 
     def find(self, name: str) -> Backend | None:
@@ -380,7 +402,8 @@ class BackendPool:
 
     def record_health(self, backend: Backend, healthy: bool, now: float, block_number: int | None = None,
                       latency_ms: float | None = None, error: str | None = None,
-                      chain: tuple[str, str] | None = None, oldest_block: int | None = None,
+                      chain: tuple[str, str] | None = None, protocol_contracts: str | None = None,
+                      oldest_block: int | None = None,
                       tips: Any = None, tips_report: TipsReport | None = None,
                       archive: tuple[int, str] | None = None) -> None:
         """One health round's findings. With ``tips_report`` (the health check always sends one for a
@@ -395,6 +418,8 @@ class BackendPool:
             backend.latency.add(latency_ms)
         if chain is not None:
             backend.chain = chain
+        if protocol_contracts is not None:
+            backend.protocol_contracts = protocol_contracts
         if oldest_block is not None:
             backend.oldest_block = oldest_block
         if tips_report is not None:
@@ -420,7 +445,8 @@ class BackendPool:
         and has no say in the finalized tip.
         """
         healthy = [b for b in self.backends if b.healthy]
-        chain = self._chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
+        chain = scoring.majority(b.chain for b in healthy if b.chain is not None)
+        self._set_chain(chain)
         for backend in self.backends:
             backend.quarantine.clear()
             if chain is not None and backend.chain is not None and backend.chain != chain:

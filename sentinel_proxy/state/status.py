@@ -76,6 +76,7 @@ def backend_document(backend: Backend) -> dict[str, Any]:
         },
         "chain": ({"l1ChainId": backend.chain[0], "rollupVersion": backend.chain[1]}
                   if backend.chain else None),
+        "protocolContracts": backend.protocol_contracts,
     }
     if verdict is not None:
         document["integrity"] = verdict.to_json()
