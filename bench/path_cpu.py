@@ -138,8 +138,10 @@ def build(no_metrics: bool = False) -> tuple[RequestPath, InstantClient, task.Cl
     clock.advance(1000.0)
     pool = BackendPool([f"http://n{i}:1" for i in range(3)], random=lambda: 0.0)
     for backend in pool.backends:
-        pool.record_health(backend, True, now=1000.0, block_number=100, latency_ms=5.0, oldest_block=1)
+        pool.record_health(backend, True, now=1000.0, block_number=100, latency_ms=5.0, oldest_block=1,
+                           chain=("31337", "1"))
         pool.record_integrity(backend, Verdict())
+    pool.reassess()  # the chain identity: cache keys carry it, and nothing is cached before it is known
     pool.finalized = 90
     client = InstantClient()
     access_log = AccessLog(open(os.devnull, "w"), json_lines=False)
