@@ -5,7 +5,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from sentinel_proxy.core.cache_policy import cache_key
-from sentinel_proxy.core.answers import assemble, entry_from_store, entry_of, item_bytes, store_value
+from sentinel_proxy.core.answers import entry_from_store, entry_of, item_bytes, store_value
 from sentinel_proxy.proxy.coalesce import Entry
 from tests.support import post_json, rpc, wait_for
 
@@ -117,5 +117,4 @@ def test_answer_items_are_rebuilt_exactly():
         assert json.loads(item_bytes(json.dumps(item["id"]).encode(), entry)) == item
     assert item_bytes(None, Entry("result", b"1")) == b'{"jsonrpc":"2.0","result":1}', "a notification: no id"
     assert entry_from_store(b"?junk") is None
-    assert assemble([b"1", b"2"], True) == b"[1,2]" and assemble([b"{}"], False) == b"{}"
     assert Entry("missing").raw == b""

@@ -4,7 +4,7 @@ import pytest
 import pytest_twisted
 
 from sentinel_proxy.core import jsonrpc
-from sentinel_proxy.core.routing import BLOCK_PARAM_METHODS, block_needed, oldest_needed
+from sentinel_proxy.core.routing import BLOCK_PARAM_METHODS, block_needed
 from sentinel_proxy.core.jsonrpc import parse_request
 from tests.support import http, post_json, rpc, wait_for
 
@@ -124,8 +124,8 @@ def test_block_needed_reads_only_explicit_numbers():
 
     assert [block_needed(c) for c in calls([7], ["7"], ["latest"], ["0x" + "ab" * 32], [True], [-1], [])] == \
         [7, None, None, None, None, None, None]
-    assert oldest_needed(calls([70], [7], ["latest"])) == 7
-    assert oldest_needed(calls([7], method="node_getBlockNumber")) is None
+    assert jsonrpc.oldest_block(calls([70], [7], ["latest"])) == 7
+    assert jsonrpc.oldest_block(calls([7], method="node_getBlockNumber")) is None
     assert "node_getPublicStorageAt" in BLOCK_PARAM_METHODS and "node_getBlocks" in BLOCK_PARAM_METHODS
 
 

@@ -12,15 +12,14 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Protocol
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from sentinel_proxy.web.site import ClientConnections, GatewaySite, make_site
 from sentinel_proxy.twisted_private import BoundedRequest
+from tests.http_raw import connect
 from tests.support import http as exchange
 from tests.support import wait_for
 
@@ -70,25 +69,6 @@ async def served():
     await running.port.stopListening()
 
 
-class Raw(Protocol):
-    """A client that sends bytes as given and collects the whole answer."""
-
-    def __init__(self) -> None:
-        self.received = b""
-        self.closed: defer.Deferred[bytes] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(self.received)
-
-
-async def raw_connection(served: Served) -> Raw:
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port)
-    return await connectProtocol(endpoint, Raw())
-
-
 def chunked(body: bytes, size: int = 300) -> bytes:
     pieces = [body[i:i + size] for i in range(0, len(body), size)]
     return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
@@ -105,7 +85,7 @@ async def test_a_body_is_bounded_while_it_arrives(served):
     assert (await exchange("POST", served.url, b"x" * MAX_BODY)).body == b"%d 0" % MAX_BODY
     assert (await exchange("POST", served.url, b"x" * (MAX_BODY + 1))).body == b"0 1", "declared length over"
     for size, expected in ((MAX_BODY, b"%d 0" % MAX_BODY), (3 * MAX_BODY, b"0 1")):
-        client = await raw_connection(served)
+        client = await connect(served.port.getHost().port)
         client.transport.write(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
                                + chunked(b"y" * size))
         answer = await client.closed
@@ -114,7 +94,7 @@ async def test_a_body_is_bounded_while_it_arrives(served):
 
 @ensure
 async def test_every_connection_is_tracked_with_its_transport_interfaces(served):
-    client = await raw_connection(served)
+    client = await connect(served.port.getHost().port)
     await wait_for(lambda: len(served.connections.protocols) == 1, what="the connection to be tracked")
     (connection,) = served.connections.protocols
     assert ITCPTransport.providedBy(connection.transport) and connection.transport.getTcpNoDelay()

@@ -26,7 +26,7 @@ document again: a 2 KB block is copied, not re-encoded, on every hit.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
@@ -122,11 +122,6 @@ def rebuilt(raw_id: bytes | None, item: Answer) -> bytes:
         parts += (b',"error":', item.error)
     parts.append(b"}")
     return b"".join(parts)
-
-
-def assemble(items: Iterable[bytes], is_batch: bool) -> bytes:
-    parts = list(items)
-    return b"[" + b",".join(parts) + b"]" if is_batch else parts[0]
 
 
 def _whole_refusal(item: Answer) -> bool:

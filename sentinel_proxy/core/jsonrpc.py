@@ -77,10 +77,6 @@ def error_item(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
 
 
-def error_body(request_id: Any, code: int, message: str) -> bytes:
-    return encode(error_item(request_id, code, message))
-
-
 @dataclass(frozen=True)
 class MethodPolicy:
     """Which methods go upstream: names or ``namespace_*`` patterns; deny wins over allow, and
@@ -427,8 +423,8 @@ def safe_to_repeat(calls: tuple[Call, ...]) -> bool:
 
 
 def oldest_block(calls: tuple[Call, ...]) -> int | None:
-    """The oldest block any of the calls reads at (:func:`.routing.oldest_needed`, each call's
-    block worked out once)."""
+    """The oldest block any of the calls reads at (each call's block worked out once, by
+    :func:`.routing.block_needed`): the node that serves them all must keep it."""
     oldest = None
     for call in calls:
         block = call.block

@@ -296,10 +296,6 @@ class BlockRef:
     number: int | None = None
     value: str | None = None
 
-    @property
-    def moving(self) -> bool:
-        return self.kind == "tag"
-
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 _SELECTORS = ("number", "hash", "archive", "tag")

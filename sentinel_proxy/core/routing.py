@@ -11,7 +11,7 @@ Which methods take a block first is the method table's routing class (core/metho
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 from sentinel_proxy.core import methods
 from sentinel_proxy.core.jsonrpc import BLOCK_UNAVAILABLE, Call, error_item
@@ -26,12 +26,6 @@ def block_needed(call: Call) -> int | None:
     if methods.routing_class(call.method) is None:
         return None
     return methods.block_number(call.method, call.request.get("params"))
-
-
-def oldest_needed(calls: Iterable[Call]) -> int | None:
-    """The oldest block any of the calls reads at: the node that serves them all must keep it."""
-    needed = [block for block in map(block_needed, calls) if block is not None]
-    return min(needed) if needed else None
 
 
 def unavailable_error(call: Call, block: int, floor: int) -> dict[str, Any]:
