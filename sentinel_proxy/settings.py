@@ -289,7 +289,11 @@ class Settings:
     admin_token: str = setting("ADMIN_TOKEN", "", _token, reload=True, secret=True,
         help="bearer token of the /admin endpoints (drain, checks, config); admin is disabled when unset")
     protect_status: bool = setting("PROTECT_STATUS", "off", _switch, reload=True,
-        help="on: /health and /dashboard also need the admin token (/ready and /metrics stay open)")
+        help="on: /health and /dashboard also need the admin token (/ready stays open; /metrics: PROTECT_METRICS)")
+    protect_metrics: bool = setting("PROTECT_METRICS", "off", _switch, reload=True,
+        help="on: /metrics needs the admin token or METRICS_TOKEN (a scraper's own bearer token)")
+    metrics_token: str = setting("METRICS_TOKEN", "", _token, reload=True, secret=True,
+        help="bearer token that opens /metrics only (setting it protects /metrics whatever PROTECT_METRICS says)")
     rate_limit: str = setting("RATE_LIMIT", "off", _store,
         help="per-client rate limiting: off, memory, or redis://host:port/db (one limit shared by "
              "several gateways)")
@@ -323,10 +327,26 @@ class Settings:
              "(docs/configuration.md, Memory)")
     client_idle_timeout_ms: int = setting("CLIENT_IDLE_TIMEOUT_MS", "60000", _integer(1),
         help="a client connection that sends nothing for this long is closed, in ms")
+    client_header_timeout_ms: int = setting("CLIENT_HEADER_TIMEOUT_MS", "10000", _integer(1), reload=True,
+        help="a request's line and headers must arrive in full within this, in ms, counted from its first byte "
+             "(a client dripping bytes is cut off; the idle timeout does not restart on each byte)")
+    client_body_timeout_ms: int = setting("CLIENT_BODY_TIMEOUT_MS", "30000", _integer(1), reload=True,
+        help="a request's body must arrive in full within this, in ms, counted from the end of its headers")
+    max_connections: int = setting("MAX_CONNECTIONS", "4096", _integer(1), reload=True,
+        help="caller connections held at once per process; past it new ones are closed at once (kept below "
+             "the open-files limit, so the gateway keeps descriptors for its nodes and checks)")
+    max_connections_per_client: int = setting("MAX_CONNECTIONS_PER_CLIENT", "256", _integer(1), reload=True,
+        help="caller connections held at once per client address, per process")
+    drain_delay_ms: int = setting("DRAIN_DELAY_MS", "3000", _integer(0),
+        help="on SIGTERM, how long the gateway keeps accepting and serving, with /ready at 503, before it "
+             "closes its listener: time for load balancers to stop sending, in ms")
     shutdown_grace_ms: int = setting("SHUTDOWN_GRACE_MS", "10000", _integer(0),
-        help="on SIGTERM, how long requests in flight may take to finish, in ms")
+        help="on SIGTERM, after DRAIN_DELAY_MS, how long requests in flight may take to finish, in ms")
     health_check_interval_ms: int = setting("HEALTH_CHECK_INTERVAL_MS", "30000", _integer(1), reload=True,
         help="readiness check interval, in ms")
+    health_check_timeout_ms: int = setting("HEALTH_CHECK_TIMEOUT_MS", "5000", _integer(1), reload=True,
+        help="each node's health check must finish within this, in ms, on its own clock: a hung node delays "
+             "no other node's verdict")
     integrity_check_interval_ms: int = setting("INTEGRITY_CHECK_INTERVAL_MS", "60000", _integer(1), reload=True,
         help="integrity check interval, in ms")
     integrity_check_epochs: int = setting("INTEGRITY_CHECK_EPOCHS", "10", _integer(1), reload=True,

@@ -48,12 +48,26 @@ class Reference:
                                            "Circuit breaker state changes", ["backend", "state"], registry=r)
         self.cache_calls = Counter("sentinel_proxy_cache_calls", "Cacheable calls by how they were answered",
                                    ["result"], registry=r)
+        self.local_errors = Counter("sentinel_proxy_local_errors", "The gateway's own failures (out of file "
+                                    "descriptors, no local port or memory), never counted against a node", ["where"],
+                                    registry=r)
+        self.connections_refused = Counter("sentinel_proxy_connections_refused", "Caller connections closed at once "
+                                           "by MAX_CONNECTIONS or MAX_CONNECTIONS_PER_CLIENT", ["reason"], registry=r)
+        self.client_timeouts = Counter("sentinel_proxy_client_timeouts", "Requests cut off because their headers or "
+                                       "body did not arrive in time (CLIENT_HEADER_TIMEOUT_MS, CLIENT_BODY_TIMEOUT_MS)",
+                                       ["phase"], registry=r)
         self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
                                         ["check", "backend"], registry=r)
         self.check_failures = Counter("sentinel_proxy_check_failures", "Failed health and integrity checks",
                                       ["check", "backend"], registry=r)
         r.register(PoolCollector(pool))
         self._children = {}
+        for where in ("upstream", "check", "accept"):
+            self.local_errors.labels(where)
+        for reason in ("total", "per_client"):
+            self.connections_refused.labels(reason)
+        for phase in ("header", "body"):
+            self.client_timeouts.labels(phase)
         for route in ROUTES:
             self.failovers.labels(route)
             self.hedges.labels(route)

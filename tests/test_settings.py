@@ -37,14 +37,15 @@ def test_every_option_checks_with_its_settings_parser():
 
 def test_reloadable_and_secret_settings_come_from_the_table():
     assert RELOADABLE == {spec.field for spec in SPECS if spec.reload}
-    assert SECRET_SETTINGS == {spec.field for spec in SPECS if spec.secret} == {"admin_token", "api_keys"}
+    assert SECRET_SETTINGS == {spec.field for spec in SPECS if spec.secret} == {"admin_token", "api_keys", "metrics_token"}
     # What the runbook promises operators (docs/runbook.md, section 3), and what cannot change live.
     assert {"backends", "admin_token", "api_keys", "log_level", "max_in_flight"} <= RELOADABLE
     assert not {"port", "listen", "workers", "log_format", "cache", "rate_limit"} & RELOADABLE
 
 
 def test_every_secret_is_masked():
-    settings = load_settings(cli={"backends": "http://a:1", "admin_token": "t" * 20, "api_keys": "k" * 20},
+    settings = load_settings(cli={"backends": "http://a:1", "admin_token": "t" * 20, "api_keys": "k" * 20,
+                                  "metrics_token": "m" * 20},
                              environ={}, dotenv_path=None)
     for name in SECRET_SETTINGS:
         assert masked(name, getattr(settings, name)) == "***", name

@@ -357,6 +357,16 @@ class Metrics:
                                                      "Circuit breaker state changes", ["backend", "state"]))
         self.cache_calls = add(CounterFamily("sentinel_proxy_cache_calls", "Cacheable calls by how they were answered",
                                              ["result"]))
+        # The gateway's own trouble, never a node's (issue 12): counted apart so no alert blames a node.
+        self.local_errors = add(CounterFamily(
+            "sentinel_proxy_local_errors", "The gateway's own failures (out of file descriptors, no local port "
+            "or memory), never counted against a node", ["where"]))
+        self.connections_refused = add(CounterFamily(
+            "sentinel_proxy_connections_refused", "Caller connections closed at once by MAX_CONNECTIONS or "
+            "MAX_CONNECTIONS_PER_CLIENT", ["reason"]))
+        self.client_timeouts = add(CounterFamily(
+            "sentinel_proxy_client_timeouts", "Requests cut off because their headers or body did not arrive in "
+            "time (CLIENT_HEADER_TIMEOUT_MS, CLIENT_BODY_TIMEOUT_MS)", ["phase"]))
         r.register(hot)
         # Rare (one per check): prometheus_client's own objects.
         self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
@@ -381,6 +391,12 @@ class Metrics:
     def _preset(self) -> None:
         """Create every route/outcome series up front, so rate() and alerts see zeros, not gaps."""
         self._cache_series = {result: self.cache_calls.child((result,)) for result in ("hit", "miss", "coalesced")}
+        for where in ("upstream", "check", "accept"):
+            self.local_errors.child((where,))
+        for reason in ("total", "per_client"):
+            self.connections_refused.child((reason,))
+        for phase in ("header", "body"):
+            self.client_timeouts.child((phase,))
         for route in ROUTES:
             self.failovers.child((route,))
             self.hedges.child((route,))
