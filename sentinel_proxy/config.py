@@ -143,4 +143,12 @@ def load_settings(
         if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) == 0:
             raise ConfigError(f"invalid WORKERS: {values['workers']} workers need a fixed TCP port to share, "
                               f"not {listen!r}")
+        if values["rate_limit"] == "memory":
+            # Each worker would keep its own buckets and allow the whole rate: N times the limit.
+            raise ConfigError(f"invalid RATE_LIMIT: memory counts per worker, so {values['workers']} workers "
+                              f"would allow {values['workers']}x the rate; use RATE_LIMIT=redis://HOST:6379 "
+                              f"with WORKERS > 1")
+    if values["protect_metrics"] and not values["admin_token"] and not values["metrics_token"]:
+        raise ConfigError("invalid PROTECT_METRICS: on, but neither ADMIN_TOKEN nor METRICS_TOKEN is set, so no "
+                          "scraper could read /metrics; set METRICS_TOKEN")
     return Settings(demo=demo, **values)

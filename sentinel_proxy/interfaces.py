@@ -59,8 +59,10 @@ class IForwardingClient(Interface):
 
         The whole exchange is bounded by ``timeout`` seconds and the answer by ``limit`` bytes
         (default MAX_RESPONSE_BYTES). Fails with ``UpstreamError`` with ``kind`` "timeout",
-        "connect" (the request provably never reached the node), "transport" or "too_large";
-        cancelling it closes the connection and fails it with ``CancelledError``.
+        "connect" (the request provably never reached the node), "transport" or "too_large", or
+        with ``LocalError`` when the gateway itself cannot open a connection (no descriptor, port
+        or memory): never the node's failure. Cancelling it closes the connection and fails it
+        with ``CancelledError``.
         """
 
     def close() -> Deferred:
@@ -79,7 +81,8 @@ class ICheckClient(Interface):
 
         The whole exchange is bounded by ``timeout`` seconds (the deadline closes the connection)
         and the decoded body by CHECK_MAX_RESPONSE. Raises ``UpstreamError`` when the node gave
-        no answer and ``RpcCallError`` for any status but 200.
+        no answer, ``LocalError`` when the gateway itself cannot open a connection (never the
+        node's failure), and ``RpcCallError`` for any status but 200.
         """
 
     def batch(backend, calls, timeout: float):

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from twisted.application.service import IService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -50,17 +50,32 @@ class Requests(Protocol):
 class Connections(Protocol):
     """What the drain needs of the callers' connections."""
 
+    def drain(self, clock: IReactorTime) -> None: ...
+
+    def settle(self, clock: IReactorTime, timeout: float) -> Awaitable[None]: ...
+
     def close_all(self, clock: IReactorTime, timeout: float) -> Awaitable[None]: ...
 
 
-async def drain(clock: IReactorTime, grace: float, listener: IService, requests: Requests, connections: Connections,
-                others: Iterable[IService]) -> None:
-    """Graceful stop: no new connections, requests in flight finish (up to ``grace`` seconds), their
-    answers leave the process, then the other services (checks, pools, stores) stop together.
+async def drain(clock: IReactorTime, delay: float, grace: float, listener: IService, requests: Requests,
+                connections: Connections, others: Iterable[IService]) -> None:
+    """Graceful stop that cuts nothing:
+
+    1. at once, every answer says ``Connection: close`` and idle connections close after a short
+       window (web/handoff.py); ``/ready`` already says 503 (``Gateway.draining``);
+    2. for ``delay`` seconds (DRAIN_DELAY_MS) new connections are still accepted and served, so
+       load balancers see the 503 and stop sending;
+    3. the listener takes what the kernel has queued, then closes (listening.py);
+    4. requests in flight finish and the connections close themselves, up to ``grace`` seconds;
+       what is still open then is closed once its answers are out;
+    5. the other services (checks, pools, stores) stop together.
 
     When this returns the process may exit at once (twistd stops the reactor, which drops every
     connection left), so nothing a caller is owed may still be in a buffer by then.
     """
+    connections.drain(clock)
+    if delay > 0:
+        await task.deferLater(clock, delay, lambda: None)
     await defer.maybeDeferred(listener.stopService)
     deadline = clock.seconds() + grace
     drained = requests.drained()
@@ -70,6 +85,7 @@ async def drain(clock: IReactorTime, grace: float, listener: IService, requests:
     except defer.TimeoutError:
         log.warn("{count} requests still in flight after {grace} s; stopping anyway",
                  count=requests.in_flight, grace=grace)
+    await connections.settle(clock, deadline - clock.seconds())
     # The last answers may still sit in write buffers: let them out, then close.
     await connections.close_all(clock, max(0.5, deadline - clock.seconds()))
     await defer.DeferredList([defer.maybeDeferred(service.stopService) for service in others], consumeErrors=True)

@@ -2,6 +2,10 @@
 several processes bind together (SO_REUSEPORT, which endpoint strings cannot ask for)."""
 from __future__ import annotations
 
+import ctypes
+import socket
+import struct
+import sys
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -14,8 +18,35 @@ from twisted.python.failure import Failure
 
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.workers import tcp_address
+from sentinel_proxy.twisted_private import accept_queued
 
 log = Logger(observer=observer)
+
+#: ``SO_ATTACH_FILTER`` (Linux): a classic BPF program run on every packet the socket receives.
+_SO_ATTACH_FILTER = 26
+#: One instruction, ``ret #0``: keep no byte of any packet.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def refuse_handshakes(port: Any) -> None:
+    """Make the kernel drop new connection attempts on ``port``'s socket (Linux; elsewhere nothing
+    happens), so that the connections already queued are the last ones. A caller whose SYN is
+    dropped retries it; by then the socket is closed (refused: nothing was sent) or, with
+    ``--workers``, another worker's socket takes it. Without this, a handshake completed between
+    taking the queue and closing the socket would be reset with its request."""
+    fileno = getattr(port, "fileno", None)
+    if not sys.platform.startswith("linux") or fileno is None:
+        return
+    program = ctypes.create_string_buffer(_DROP_ALL)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len; *filter}
+    try:
+        with socket.socket(fileno=fileno()) as listening:
+            try:
+                listening.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+            finally:
+                listening.detach()  # the port still owns the descriptor
+    except OSError as error:
+        log.warn("could not stop new connections before closing the listener: {error}", error=str(error))
 
 
 class ListeningService(Service):
@@ -50,8 +81,12 @@ class ListeningService(Service):
             self._on_listening(port)
 
     def stopService(self) -> defer.Deferred[None] | None:
+        """Stop listening, after taking the connections the kernel already accepted for us (closing
+        the socket would reset them, requests and all); they are served as any other."""
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
+            refuse_handshakes(port)
+            accept_queued(port)
             return defer.maybeDeferred(port.stopListening)
         return None

@@ -39,7 +39,7 @@ from sentinel_proxy.upstream.memory import AnswerMemory
 from sentinel_proxy.web.auth import Access
 from sentinel_proxy.web.rpc import RpcResource
 from sentinel_proxy.web.handoff import Connections
-from sentinel_proxy.web.server import LeanServerFactory
+from sentinel_proxy.web.server import ClientLimits, LeanServerFactory
 from sentinel_proxy.web.site import GatewaySite, make_site
 
 log = Logger(observer=logs.observer)
@@ -69,6 +69,13 @@ class Gateway(MultiService):
     server: LeanServerFactory
     connections: Connections
     listener: ListeningService
+    #: With --workers, the link to the other workers (ops/workers.py: LeaderLink or FollowerLink), else None.
+    workers: Any = None
+    #: The worker that started the others (--workers, worker 0), else None.
+    leader: LeaderService | None = None
+    #: True from the very start of a shutdown: /ready answers 503 while the drain lets load
+    #: balancers notice (DRAIN_DELAY_MS) and the last requests finish.
+    draining = False
 
     def __init__(self, settings: Settings, reactor: Any, load: Callable[[], Settings], handle_signals: bool):
         super().__init__()
@@ -90,11 +97,14 @@ class Gateway(MultiService):
                                          lambda: self.forwarder.in_flight, self.reload)
 
     def stopService(self) -> defer.Deferred[None]:
+        self.draining = True
+        if self.leader is not None:
+            self.leader.terminate_followers()  # every worker drains at the same time
         Service.stopService(self)  # the children stop in the drain's order, not all at once
         others = [service for service in reversed(list(self)) if service is not self.listener]
         stopping = defer.Deferred.fromCoroutine(lifecycle.drain(
-            self.reactor, self.settings.shutdown_grace_ms / 1000.0, self.listener, self.forwarder, self.connections,
-            others))
+            self.reactor, self.settings.drain_delay_ms / 1000.0, self.settings.shutdown_grace_ms / 1000.0,
+            self.listener, self.forwarder, self.connections, others))
         stopping.addCallback(lambda _: self.access_log.flush())
         return stopping
 
@@ -174,10 +184,12 @@ def make_forwarder(settings: Settings, pool: BackendPool, upstream: IForwardingC
 def make_checks(settings: Settings, pool: BackendPool, agent: PooledAgent, metrics: Metrics,
                 reactor: Any) -> tuple[HealthService, IntegrityService]:
     """The checks speak treq over their own small pool (same TCP_NODELAY and connect timeout as
-    the forwarding client), through their own client: gzip is welcome there, never on the hot path."""
+    the forwarding client), through their own client: gzip is welcome there, never on the hot path.
+    A health check gets HEALTH_CHECK_TIMEOUT_MS, the integrity check the request deadline: the
+    validator stats are megabytes and may well take longer than a health batch."""
     client = CheckClient.over(agent.agent, reactor)
-    health = HealthService(pool, client, settings.health_check_interval_ms / 1000.0, settings.request_timeout,
-                           reactor, metrics)
+    health = HealthService(pool, client, settings.health_check_interval_ms / 1000.0,
+                           settings.health_check_timeout_ms / 1000.0, reactor, metrics)
     integrity = IntegrityService(
         pool, client, settings.integrity_check_interval_ms / 1000.0, settings.request_timeout, reactor,
         integrity_params(settings), runner=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
@@ -187,9 +199,14 @@ def make_checks(settings: Settings, pool: BackendPool, agent: PooledAgent, metri
 
 def _add_node_state(gateway: Gateway, settings: Settings, reactor: Any) -> None:
     """Worker 0 (the only one without --workers) runs the demo nodes and the checks; the others
-    follow its node state (sentinel_proxy/ops/workers.py)."""
+    follow its node state, its drains and every worker's breaker openings, and all count into one
+    set of metrics (sentinel_proxy/ops/workers.py)."""
+    gateway.workers = None
     if worker_number() != 0:
-        FollowerService(gateway.pool, reactor).setServiceParent(gateway)
+        follower = FollowerService(gateway.pool, gateway.metrics, reactor, worker_number())
+        follower.setServiceParent(gateway)
+        gateway.workers = follower.link
+        gateway.pool.on_breaker_change = partial(_breaker_changed, gateway.metrics, workers=follower.link)
         return
     if settings.demo:
         from sentinel_proxy.demo import DemoNodesService
@@ -199,8 +216,12 @@ def _add_node_state(gateway: Gateway, settings: Settings, reactor: Any) -> None:
     gateway.health.setServiceParent(gateway)
     gateway.integrity.setServiceParent(gateway)
     if settings.workers > 1:
-        LeaderService(settings.workers, gateway.pool, reactor,
-                      settings.shutdown_grace_ms / 1000.0).setServiceParent(gateway)
+        leader = LeaderService(settings.workers, gateway.pool, gateway.metrics, reactor,
+                               (settings.drain_delay_ms + settings.shutdown_grace_ms) / 1000.0)
+        leader.setServiceParent(gateway)
+        gateway.leader = leader
+        gateway.workers = leader.link
+        gateway.pool.on_breaker_change = partial(_breaker_changed, gateway.metrics, workers=leader.link)
 
 
 def make_web(gateway: Gateway, reactor: Any) -> tuple[GatewaySite, LeanServerFactory]:
@@ -214,12 +235,22 @@ def make_web(gateway: Gateway, reactor: Any) -> tuple[GatewaySite, LeanServerFac
         return gateway.settings
 
     access = Access(settings)
-    admin = Admin(gateway.pool, (gateway.health, gateway.integrity), settings, lambda: gateway.forwarder.in_flight)
-    app = GatewayApp(gateway.pool, gateway.metrics, gateway.forwarder.totals, reactor, admin, access)
+    admin = Admin(gateway.pool, (gateway.health, gateway.integrity), settings, lambda: gateway.forwarder.in_flight,
+                  gateway.workers)
+    app = GatewayApp(gateway.pool, gateway.metrics, gateway.forwarder.totals, reactor, admin, access,
+                     lambda: gateway.draining)
     root = RpcResource(gateway.forwarder, access, app.resource())
     idle = gateway.settings.client_idle_timeout_ms / 1000.0
-    site = make_site(root, gateway.settings.max_body_bytes, idle)
-    return site, LeanServerFactory(gateway.forwarder, access, site, reactor, gateway.settings.max_body_bytes, idle)
+    site = make_site(root, gateway.settings.max_body_bytes, idle, gateway.metrics, reactor)
+    return site, LeanServerFactory(gateway.forwarder, access, site, reactor, gateway.settings.max_body_bytes, idle,
+                                   client_limits_of(gateway.settings), gateway.metrics)
+
+
+def client_limits_of(settings: Settings) -> ClientLimits:
+    return ClientLimits(header_timeout=settings.client_header_timeout_ms / 1000.0,
+                        body_timeout=settings.client_body_timeout_ms / 1000.0,
+                        max_connections=settings.max_connections,
+                        max_per_client=settings.max_connections_per_client)
 
 
 def _announcer(settings: Settings) -> Callable[[Any], None] | None:
@@ -238,15 +269,19 @@ def reconfigure(gateway: Gateway, settings: Settings) -> None:
     gateway.pool.set_max_lag(settings.max_block_lag)
     gateway.pool.set_breaker_policy(breaker_policy_of(settings))
     gateway.forwarder.configure(limits_of(settings), access_log_of(settings, gateway.access_log))
-    gateway.health.configure(settings.health_check_interval_ms / 1000.0, settings.request_timeout)
+    gateway.server.configure(client_limits_of(settings))
+    gateway.health.configure(settings.health_check_interval_ms / 1000.0, settings.health_check_timeout_ms / 1000.0)
     gateway.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
                                 integrity_params(settings))
 
 
-def _breaker_changed(metrics: Metrics, backend: Backend, state: str) -> None:
+def _breaker_changed(metrics: Metrics, backend: Backend, state: str, workers: Any = None) -> None:
+    """``workers``: the --workers link (ops/workers.py), which carries an opening to the other workers."""
     metrics.breaker_transitions.labels(backend.label, state).inc()
     (log.warn if state == "open" else log.info)("circuit breaker of {backend} is now {state}",
                                                  backend=backend.name, state=state)
+    if workers is not None:
+        workers.breaker_changed(backend, state)
 
 
 def access_log_of(settings: Settings, access_log: logs.AccessLog) -> logs.AccessLog | None:

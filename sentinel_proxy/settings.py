@@ -291,12 +291,13 @@ class Settings:
     protect_status: bool = setting("PROTECT_STATUS", "off", _switch, reload=True,
         help="on: /health and /dashboard also need the admin token (/ready stays open; /metrics: PROTECT_METRICS)")
     protect_metrics: bool = setting("PROTECT_METRICS", "off", _switch, reload=True,
-        help="on: /metrics needs the admin token or METRICS_TOKEN (a scraper's own bearer token)")
+        help="on: /metrics needs the admin token or METRICS_TOKEN (a scraper's own bearer token; one of the two "
+             "must be set)")
     metrics_token: str = setting("METRICS_TOKEN", "", _token, reload=True, secret=True,
         help="bearer token that opens /metrics only (setting it protects /metrics whatever PROTECT_METRICS says)")
     rate_limit: str = setting("RATE_LIMIT", "off", _store,
-        help="per-client rate limiting: off, memory, or redis://host:port/db (one limit shared by "
-             "several gateways)")
+        help="per-client rate limiting: off, memory (one process: refused with WORKERS > 1), or "
+             "redis://host:port/db (one limit shared by several workers and gateways)")
     rate_limit_rate: int = setting("RATE_LIMIT_RATE", "20", _integer(1), reload=True,
         help="tokens per second per client address")
     rate_limit_burst: int = setting("RATE_LIMIT_BURST", "200", _integer(1), reload=True,

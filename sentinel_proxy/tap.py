@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from sentinel_proxy.config import SPECS, ConfigError, Settings, Spec, load_settings
+from sentinel_proxy.ops.descriptors import ensure_open_files
 from sentinel_proxy.service import build_service
 
 
@@ -65,4 +66,11 @@ class Options(usage.Options):
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """twistd's entry point: the gateway of the parsed options, draining on SIGTERM and
     reloading on SIGHUP."""
-    return build_service(options.settings, reactor, cli=options.cli_values(), handle_signals=True)
+    settings = options.settings
+    nodes = len(settings.backends)
+    if settings.demo:
+        from sentinel_proxy.demo import DEMO_SCENARIOS  # the simulator only with --demo
+
+        nodes += len(DEMO_SCENARIOS)
+    ensure_open_files(settings.max_connections, nodes, settings.upstream_max_connections)
+    return build_service(settings, reactor, cli=options.cli_values(), handle_signals=True)

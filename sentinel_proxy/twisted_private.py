@@ -1,6 +1,6 @@
-"""The one place the gateway depends on non-public parts of Twisted: two hooks, each guarded by a
+"""The one place the gateway depends on non-public parts of Twisted: three hooks, each guarded by a
 test that fails if a Twisted release changes what it relies on (tests/test_twisted_private.py,
-tests/test_web_hooks.py).
+tests/test_web_hooks.py, tests/test_drain.py).
 
 **Writing at once** (:func:`write_now`). ``FileDescriptor.write`` never sends: it buffers, asks
 epoll to watch the socket for writability (``epoll_ctl``), sends on the next reactor turn, then
@@ -19,9 +19,18 @@ and ``Request.handleContentChunk`` (each piece as it arrives). Both have public 
 documented "not intended for users" and declared only by the private
 ``twisted.web.http._IDeprecatedHTTPChannelToRequestInterface``. :class:`BoundedRequest`
 overrides both; ``tests/test_web_hooks.py`` fails if a Twisted release stops calling them that way.
+
+**Taking the accept queue before closing a listener** (:func:`accept_queued`). The kernel completes
+TCP handshakes on its own and queues the connections until ``accept``; ``stopListening`` closes the
+socket, and the kernel resets every connection still queued: callers whose requests were already
+sent. No public API accepts what is queued, so :func:`accept_queued` calls the port's ``doRead``
+(what the reactor calls when the socket is readable: accept, build, connect) while ``poll`` says
+the listening socket has connections waiting. ``doRead`` and ``fileno`` are public names on
+``tcp.Port`` but meant for the reactor; ``tests/test_drain.py`` fails if they stop doing that.
 """
 from __future__ import annotations
 
+import select
 from errno import EAGAIN, EINTR, ENOBUFS, EWOULDBLOCK
 from typing import Any
 
@@ -55,13 +64,34 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+#: Rounds of ``doRead`` at most (each accepts up to the port's growing batch): a socket that stays
+#: readable because every accept fails (out of file descriptors) must not hold the shutdown.
+_ACCEPT_ROUNDS = 64
+
+
+def accept_queued(port: Any) -> None:
+    """Accept, and hand to the port's factory, every connection the kernel holds for ``port`` (a
+    ``tcp.Port``; any other listener is left as it is): called right before it stops listening."""
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return
+    waiting = select.poll()
+    waiting.register(port.fileno(), select.POLLIN)
+    for _ in range(_ACCEPT_ROUNDS):
+        if not waiting.poll(0):
+            return
+        port.doRead()
+
+
 class BoundedRequest(Request):
     """Stops buffering a body once it passes ``max_body`` bytes and remembers that it did."""
 
     max_body = 1 << 20
     body_too_large = False
+    #: The head is in (``gotLength`` comes right after it): a deadline that passes now is the body's.
+    head_in = False
 
     def gotLength(self, length: int | None) -> None:
+        self.head_in = True
         if length is not None and length > self.max_body:
             self.body_too_large = True
             length = 0

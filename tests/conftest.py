@@ -39,3 +39,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "redis_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def unhandled():
+    """Failures logged while the test runs ("Unhandled error in Deferred" included, once the
+    Deferred is collected): the test may inspect and clear them; any left fail it."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event or event.get("isError"):
+            logged.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield logged
+    gc.collect()
+    globalLogPublisher.removeObserver(observe)
+    assert not logged, [event.get("log_format") for event in logged]

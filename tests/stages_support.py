@@ -177,8 +177,8 @@ CHAIN = ("31337", "1")
 
 
 def trusted_pool(count: int = 3, breaker: BreakerPolicy | None = None, oldest_block: int | None = 50) -> BackendPool:
-    """Healthy, trusted pruned nodes n0:1, n1:1, ...; picked in that order (random is 0)."""
-    pool = BackendPool([f"http://n{i}:1" for i in range(count)], random=lambda: 0.0)
+    """Healthy, trusted pruned nodes named n0:1, n1:1, ...; picked in that order (random is 0)."""
+    pool = BackendPool([(f"n{i}:1", f"http://n{i}:1") for i in range(count)], random=lambda: 0.0)
     if breaker is not None:
         pool.set_breaker_policy(breaker)
     for backend in pool.backends:

@@ -23,6 +23,9 @@ TEST_CHAIN = ChainParams(slots_per_epoch=8, committee_size=4, slot_seconds=600.0
 CHAIN_SETTINGS = {"slots_per_epoch": "8", "expected_validators": "4"}
 
 JSON = {b"content-type": [b"application/json"]}
+#: DRAIN_DELAY_MS of the gateways the tests start (the default, 3 s, is for load balancers): every
+#: stop drains. tests/test_drain.py tests the delay itself.
+TEST_DRAIN_DELAY_MS = 20
 
 
 @dataclass
@@ -102,7 +105,8 @@ class Cluster:
         # The cache is off unless a test is about it: most tests count what reaches the nodes.
         cli = {"backends": ",".join(backends), "listen": "tcp:0:interface=127.0.0.1",
                "health_check_interval_ms": "200", "integrity_check_interval_ms": "500",
-               "request_timeout_ms": "2000", "cache": "off", **CHAIN_SETTINGS, **overrides}
+               "request_timeout_ms": "2000", "cache": "off", "drain_delay_ms": str(TEST_DRAIN_DELAY_MS),
+               **CHAIN_SETTINGS, **overrides}
         return load_settings(cli=cli, environ={}, dotenv_path=None)
 
     async def gateway(self, nodes: list[RunningNode] | list[str], wait_healthy: int | None = None,

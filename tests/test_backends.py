@@ -4,7 +4,8 @@ import hashlib
 import pickle
 from dataclasses import dataclass
 
-from sentinel_proxy.state.backends import Backend, BackendPool, LatencyWindow, Pick, TipsReport, display_url
+from sentinel_proxy.state.backends import (Backend, BackendPool, LatencyWindow, Pick, TipsReport, display_names,
+                                           display_url)
 from sentinel_proxy.state.status import NEVER, RequestTotals, backend_document, health_document, rfc3339
 
 
@@ -16,17 +17,37 @@ def test_latency_window_keeps_the_last_hundred():
     assert (window.minimum, window.maximum, window.average) == (51.0, 150.0, 100.5)
 
 
-def test_credentials_become_basic_auth_and_are_masked():
+def test_credentials_become_basic_auth_and_are_never_shown():
     backend = Backend("https://alice:s%40cret@node.example:8443/rpc")
-    assert backend.label == "https://alice:***@node.example:8443/rpc"
-    assert backend.name == "node.example:8443/rpc"
+    assert backend.label == backend.name == "https://node.example:8443"
     assert backend.target == b"https://node.example:8443/rpc"
     assert backend.authorization == b"Basic " + base64.b64encode(b"alice:s@cret")
+    assert "alice" not in repr(backend) and "cret" not in repr(backend) and "/rpc" not in repr(backend)
     plain = Backend("http://node:8080")
     assert (plain.label, plain.target, plain.authorization) == ("http://node:8080", b"http://node:8080/", None)
-    assert (plain.name, Backend("https://n", "archiver-1").name) == ("node:8080", "archiver-1")
+    assert (Backend("https://n").name, Backend("https://n", "archiver-1").label) == ("https://n:443", "archiver-1")
     assert display_url("http://[::1]:8080") == "http://[::1]:8080"
+    assert display_url("http://TOKEN@node/v1/KEY?key=K") == "http://node:80"
     assert Backend("http://[::1]:8080").target == b"http://[::1]:8080/"
+
+
+def test_display_names_keep_configured_names_and_tell_shared_hosts_apart():
+    entries = [("", "http://h:1/v1/A"), ("main", "http://h:1/v1/B"), ("", "http://u:p@h:1"), ("", "http://h:1/v1/C"),
+               ("", "https://h:1/")]
+    assert display_names(entries) == ["http://h:1", "main", "http://h:1#2", "http://h:1#3", "https://h:1"]
+    pool = BackendPool(entries)
+    assert [b.name for b in pool.backends] == display_names(entries)
+    assert pool.find("h:1#2") is pool.backends[2] and pool.find("http://h:1#3") is pool.backends[3]
+    assert pool.find("main") is pool.backends[1] and pool.find("") is None and pool.find("v1/A") is None
+
+
+def test_a_reload_renames_a_node_it_keeps():
+    pool = BackendPool(["http://h:1/v1/A"])
+    kept = pool.backends[0]
+    kept.total_requests = 7
+    pool.replace([("", "http://h:1/v1/B"), ("first", "http://h:1/v1/A")])
+    assert pool.backends[1] is kept and kept.name == "first" and kept.total_requests == 7
+    assert pool.backends[0].name == "http://h:1"
 
 
 @dataclass(frozen=True)
@@ -240,6 +261,17 @@ def test_a_contested_height_makes_nothing_final():
     assert pool.finalized is None
     round_of(pool, (a, 1020, tips(1000)), (b, 1020, tips(1000)))
     assert pool.agreement.contested is None and pool.finalized == 1000
+
+
+def test_a_contest_names_nodes_by_display_name_even_after_a_key_rotation():
+    pool = BackendPool(["http://u:OLDPASS@a:1/v1/OLDKEY", "http://b:1/v1/BKEY"])
+    a, b = pool.backends
+    round_of(pool, (a, 1000, tips(980)), (b, 1000, tips(980, "fork")))
+    pool.replace(["http://u:NEWPASS@a:1/v1/NEWKEY", "http://b:1/v1/BKEY"])
+    assert pool.agreement.contested is not None, "the contest is sticky across the reload"
+    shown = repr(health_document(pool, RequestTotals(), 1.0)["agreement"])
+    assert "http://a:1" in shown and "http://b:1" in shown
+    assert not any(secret in shown for secret in ("OLDPASS", "OLDKEY", "NEWPASS", "NEWKEY", "BKEY", "u:"))
 
 
 def test_a_node_whose_tips_stopped_vouches_for_nothing():

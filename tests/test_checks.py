@@ -496,7 +496,7 @@ def test_tips_that_stop_are_logged_once_and_shown_in_health(logged):
     assert "no readable finalized tip" in document["tips"]["error"] and document["tips"]["finalized"] is None
     assert document["healthy"] is True and document["lastError"] is None, "the existing fields are unchanged"
     stopped = messages(logged, "gives no finalized tip")
-    assert len(stopped) == 1 and stopped[0]["backend"] == "a:1" and stopped[0]["method"] == "node_getChainTips"
+    assert len(stopped) == 1 and stopped[0]["backend"] == "http://a:1" and stopped[0]["method"] == "node_getChainTips"
     assert "no readable finalized tip" in stopped[0]["error"]
     assert len(messages(logged, "no finalized tip: {reason}")) == 1, "the pool says caching stopped, once"
     # Back: logged once, the finalized tip is known again.
@@ -542,9 +542,9 @@ def test_a_diverged_node_is_quarantined_by_the_health_round(logged):
     document = health_document(setup.pool, RequestTotals(), 1.0)
     assert document["backends"][2]["divergence"]["hash"] == c.tips["proven"]["block"]["hash"]
     assert document["backends"][2]["quarantine"]["diverged"].startswith("proven tip block 990: hash 0x")
-    assert document["agreement"]["diverged"] == ["c:1"]
+    assert document["agreement"]["diverged"] == ["http://c:1"]
     warned = messages(logged, "diverged from the majority")
-    assert len(warned) == 1 and warned[0]["backend"] == "c:1" and warned[0]["height"] == 990
+    assert len(warned) == 1 and warned[0]["backend"] == "http://c:1" and warned[0]["height"] == 990
     clock.advance(30.0)
     assert len(messages(logged, "diverged from the majority")) == 1, "logged once, not every round"
     service.stopService()
@@ -583,7 +583,7 @@ def test_two_nodes_that_disagree_make_nothing_final(logged):
     assert setup.pool.finalized is None and setup.pool.agreement.contested.height == 980
     assert all(not b.quarantine for b in setup.pool.backends)
     contest = health_document(setup.pool, RequestTotals(), 1.0)["agreement"]["contested"]
-    assert sorted(node for side in contest["sides"] for node in side["nodes"]) == ["a:1", "b:1"]
+    assert sorted(node for side in contest["sides"] for node in side["nodes"]) == ["http://a:1", "http://b:1"]
     assert len(messages(logged, "nodes disagree and no majority decides")) == 1
     service.stopService()
 

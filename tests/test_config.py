@@ -165,3 +165,18 @@ def test_backends_may_be_named():
     s = load(env={"SENTINEL_BACKENDS": "archiver-1=http://a:8080, http://b:8080/rpc?,"[:-2]})
     assert s.backends == (("archiver-1", "http://a:8080"), ("", "http://b:8080/rpc"))
     assert load(env={"SENTINEL_BACKENDS": "http://u:p@a:1/x=y"}).backends == (("", "http://u:p@a:1/x=y"),)
+
+
+def test_a_memory_rate_limit_is_refused_with_several_workers():
+    with pytest.raises(ConfigError, match=r"invalid RATE_LIMIT: memory counts per worker, so 2 workers .*redis://"):
+        load(env={"RATE_LIMIT": "memory", "WORKERS": "2"})
+    assert load(env={"RATE_LIMIT": "memory", "WORKERS": "1"}).rate_limit == "memory"
+    assert load(env={"RATE_LIMIT": "redis://127.0.0.1:6379", "WORKERS": "2"}).workers == 2
+
+
+def test_protected_metrics_need_a_token_someone_can_present():
+    backends = {"SENTINEL_BACKENDS": "http://a:1"}
+    with pytest.raises(ConfigError, match=r"invalid PROTECT_METRICS: on, but neither ADMIN_TOKEN nor METRICS_TOKEN"):
+        load(env={**backends, "PROTECT_METRICS": "on"})
+    assert load(env={**backends, "PROTECT_METRICS": "on", "METRICS_TOKEN": "m" * 20}).protect_metrics
+    assert load(env={**backends, "PROTECT_METRICS": "on", "ADMIN_TOKEN": "a" * 20}).protect_metrics

@@ -122,3 +122,31 @@ def test_only_public_namespaces_pass(methods):
     assert all(jsonrpc.DEFAULT_POLICY.allows(c.method) for c in parsed.calls)
     assert parsed.size == len(methods)
     assert len(parsed.calls) == sum(m.startswith(("node_", "p2p_")) for m in methods)
+
+
+def test_ids_in_a_refused_body_are_the_callers_bytes():
+    raw = b'[{"id": 1e2, "method": "x"}, 7, {"method": "n"}, {"id": 1E400}, {"id": {"a": 1}}, {"id": "\\u00e9"}]'
+    assert jsonrpc.ids_in(raw) == (True, [b"1e2", b"null", None, b"null", b"null", b'"\\u00e9"'])
+    assert jsonrpc.ids_in(b'{"id": -0, "jsonrpc": "2.0"}') == (False, [b"-0"])
+    for unreadable in (b"[]", b"7", b"{nope", b'"x"', b""):
+        assert jsonrpc.ids_in(unreadable) is None, unreadable
+
+
+def test_refusal_bodies_are_one_error_per_call_under_its_id():
+    assert json.loads(jsonrpc.refusal_body(True, [b"1e2", None], -32001, "no node")) == [
+        {"jsonrpc": "2.0", "id": 100.0, "error": {"code": -32001, "message": "no node"}},
+        {"jsonrpc": "2.0", "error": {"code": -32001, "message": "no node"}}]
+    parsed = parse_request(body([call("node_a", id_="x"), call("nodeAdmin_b", id_=2)]), 100)
+    items = json.loads(jsonrpc.refusal_of(parsed, -32005, "busy"))
+    assert [(item["id"], item["error"]["code"]) for item in items] == [("x", -32005), (2, jsonrpc.METHOD_NOT_FOUND)]
+    assert parsed.refused_methods == ("nodeAdmin_b",)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_ids_in_any_bytes_are_none_or_valid_json_ids(raw):
+    found = jsonrpc.ids_in(raw)
+    if found is not None:
+        is_batch, ids = found
+        answer = json.loads(jsonrpc.refusal_body(is_batch, ids, -32001, "x"))
+        assert isinstance(answer, list) == is_batch

@@ -86,33 +86,44 @@ class Connections:
     def __init__(self, order: list[str]):
         self._order = order
 
+    def drain(self, clock) -> None:
+        self._order.append("answers say close")
+
+    async def settle(self, clock, timeout: float) -> None:
+        self._order.append(f"settle within {timeout:.1f} s")
+
     async def close_all(self, clock, timeout: float) -> None:
         self._order.append(f"close connections within {timeout:.1f} s")
 
 
-def test_drain_stops_listening_waits_then_lets_the_answers_out_then_stops_the_rest(events):
+def test_drain_says_close_keeps_listening_for_the_delay_then_waits_then_stops_the_rest(events):
     clock, order, requests = task.Clock(), [], Requests()
     others = [Recorder("checks", order), Recorder("pool", order)]
     for service in others:
         service.startService()
-    draining = defer.Deferred.fromCoroutine(lifecycle.drain(clock, 3.0, Recorder("listener", order), requests,
+    draining = defer.Deferred.fromCoroutine(lifecycle.drain(clock, 0.5, 3.0, Recorder("listener", order), requests,
                                                             Connections(order), others))
+    assert order == ["answers say close"], "the listener stays open for the drain delay"
+    clock.advance(0.5)
+    assert order == ["answers say close", "stop listener"]
     clock.advance(1.0)
-    assert order == ["stop listener"], "nothing else stops while a request is in flight"
+    assert order == ["answers say close", "stop listener"], "nothing else stops while a request is in flight"
     requests.in_flight = 0
     requests.waiting.callback(None)
-    assert order == ["stop listener", "close connections within 2.0 s", "stop checks", "stop pool"]
+    assert order == ["answers say close", "stop listener", "settle within 2.0 s", "close connections within 2.0 s",
+                     "stop checks", "stop pool"]
     assert draining.called
 
 
 def test_drain_gives_up_on_requests_after_the_grace(events):
     clock, order, requests = task.Clock(), [], Requests()
-    draining = defer.Deferred.fromCoroutine(lifecycle.drain(clock, 3.0, Recorder("listener", order), requests,
+    draining = defer.Deferred.fromCoroutine(lifecycle.drain(clock, 0.0, 3.0, Recorder("listener", order), requests,
                                                             Connections(order), []))
     clock.advance(2.9)
     assert not draining.called
     clock.advance(0.1)
-    assert draining.called and order == ["stop listener", "close connections within 0.5 s"]
+    assert draining.called and order == ["answers say close", "stop listener", "settle within 0.0 s",
+                                         "close connections within 0.5 s"]
     assert "1 requests still in flight after 3.0 s; stopping anyway" in [formatEvent(e) for e in events]
 
 

@@ -52,3 +52,21 @@ async def test_check_now_runs_every_check_it_was_given():
     assert report == {"backends": [{"backend": "a", "healthy": backend.healthy, "blockNumber": backend.block_number,
                                     "integrityStatus": "", "routing": backend.routing,
                                     "lastError": backend.last_error}]}
+
+
+def test_a_drain_is_handed_to_the_other_workers():
+    pool = BackendPool([("a", "http://a:1")])
+
+    class Workers:
+        def __init__(self):
+            self.drains = []
+
+        def drained(self, backend):
+            self.drains.append((backend.name, backend.drained))
+
+    workers = Workers()
+    admin = Admin(pool, [], lambda: None, lambda: 0, workers)
+    admin.drain("a", True)
+    admin.drain("nobody", True)
+    admin.drain("a", False)
+    assert workers.drains == [("a", True), ("a", False)]

@@ -365,7 +365,8 @@ async def test_write_that_reached_a_node_is_never_sent_again(cluster, fault, sha
     assert all(n.node.calls["node_sendTx"] == 0 for n in nodes[1:])
     assert answer.code == 502
     expected = jsonrpc.UPSTREAM_TIMEOUT if fault == "hang" else jsonrpc.UPSTREAM_FAILED
-    assert answer.json()["error"]["code"] == expected
+    document = answer.json()  # a batch: one error per item
+    assert {item["error"]["code"] for item in (document if isinstance(document, list) else [document])} == {expected}
     assert answer.header("x-sentinel-attempts") == "1"
     assert sample(service, "sentinel_proxy_failovers_total", route="/") == 0
     await wait_for(lambda: nodes[0].node.in_flight == 0, timeout=2.0, what="the hung call's connection to close")
@@ -463,7 +464,7 @@ async def test_overall_deadline_bounds_a_request_when_every_node_hangs(cluster):
 
     print(f"\nevery node hanging: answered after {latency * 1000:.0f} ms (request timeout 1000 ms)")
     assert answer.code == 502
-    assert answer.json()["error"]["code"] == jsonrpc.UPSTREAM_TIMEOUT
+    assert answer.json()[0]["error"]["code"] == jsonrpc.UPSTREAM_TIMEOUT, "a one-item batch: an array"
     # 600 ms at the first node, the 400 ms left at the second, no time for a third.
     assert answer.header("x-sentinel-attempts") == "2"
     assert 0.99 <= latency < 1.0 + 0.5
@@ -561,7 +562,7 @@ async def test_overload_is_refused_at_once_with_retry_after(cluster):
     assert 4 <= len(served) < 20 and refused
     for answer, latency in refused:
         assert answer.header("retry-after") == "1"
-        assert answer.json()["error"]["code"] == jsonrpc.OVERLOADED
+        assert answer.json()[0]["error"]["code"] == jsonrpc.OVERLOADED, "a one-item batch: an array"
         assert latency < 0.5  # well before any slow answer (1 s)
     for answer, latency in served:
         assert failure_of(answer) is None and latency >= 0.99
@@ -587,8 +588,8 @@ async def test_oversized_answer_is_a_502_and_not_retried(cluster):
     answer = await post_json(url, BIG_READ)
 
     assert answer.code == 502
-    assert answer.json()["error"]["code"] == jsonrpc.UPSTREAM_FAILED
-    assert "2000" in answer.json()["error"]["message"]
+    (error,) = [item["error"] for item in answer.json()]  # a one-item batch: an array
+    assert error["code"] == jsonrpc.UPSTREAM_FAILED and "2000" in error["message"]
     assert answer.header("x-sentinel-attempts") == "1"
     assert sum(n.node.requests for n in nodes) - before == 1
     small = await post_json(url, read_call(1))

@@ -119,3 +119,37 @@ def test_the_path_rate_limits_after_the_guard_and_before_any_node():
     limited = settled(gateway.handle(rpc("node_getBlockNumber")))
     assert error_of(limited) == (429, jsonrpc.RATE_LIMITED) and (b"retry-after", b"1") in limited.headers
     assert len(gateway.client.sent) == 1
+
+
+def test_an_unknown_key_costs_a_token_of_the_address_bucket():
+    clock = task.Clock()
+    limits = Limits(rate=1.0, burst=2.0, key_rate=100.0, key_burst=100.0, key_digests=DIGESTS)
+    limiter = RateLimit(MemoryRateLimiter(clock))
+    guesser = Caller("r", "10.0.0.9", "guessed-key-0001")
+    assert [error_of(settled(limiter.refuse_unknown_key(guesser, limits)))[0] for _ in range(3)] == [401, 401, 429]
+    assert error_of(settled(limiter.take("ip:10.0.0.9", ["node_getBlockNumber"], limits))) == \
+        (429, jsonrpc.RATE_LIMITED), "the guesses spent the address's own budget"
+    assert settled(limiter.take("ip:10.0.0.8", ["node_getBlockNumber"], limits)) is None, "other addresses untouched"
+    clock.advance(1.0)
+    assert error_of(settled(limiter.refuse_unknown_key(guesser, limits))) == (401, jsonrpc.UNKNOWN_API_KEY)
+
+
+def test_an_unknown_key_without_a_limiter_is_a_plain_401():
+    limits = Limits(rate=0.001, burst=1.0, key_digests=DIGESTS)
+    guesser = Caller("r", "10.0.0.9", "guessed")
+    replies = [settled(RateLimit(None).refuse_unknown_key(guesser, limits)) for _ in range(5)]
+    assert {error_of(reply) for reply in replies} == {(401, jsonrpc.UNKNOWN_API_KEY)}
+
+
+def test_the_path_throttles_key_guesses_by_address():
+    limits = Limits(rate=1.0, burst=3.0, key_digests=DIGESTS)
+    gateway = rig(limits=limits, limiter=MemoryRateLimiter(task.Clock()), default=answer(result(7)))
+    guesses = [settled(gateway.handle(rpc("node_getBlockNumber"), caller=Caller("r", "10.0.0.9", f"guess-{i:012d}")))
+               for i in range(5)]
+    assert [error_of(reply)[0] for reply in guesses] == [401, 401, 401, 429, 429]
+    assert (b"retry-after", b"1") in guesses[-1].headers
+    assert error_of(settled(gateway.handle(rpc("node_getBlockNumber"), caller=Caller("r", "10.0.0.9")))) == \
+        (429, jsonrpc.RATE_LIMITED), "nor may the guesser call without a key"
+    assert settled(gateway.handle(rpc("node_getBlockNumber"), caller=Caller("r", "10.0.0.9", KEY))).status == 200, \
+        "a valid key has its own bucket"
+    assert gateway.client.sent and len(gateway.client.sent) == 1

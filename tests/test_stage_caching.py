@@ -120,14 +120,30 @@ def test_a_failed_leader_fails_its_followers_with_502():
     assert "shared call" in json.loads(failed.body)["error"]["message"]
 
 
-def test_a_cancelled_leader_releases_its_followers():
+def test_followers_get_the_answer_when_the_leaders_caller_leaves():
     flights = SingleFlight()
     caching, upstream, _ = stage(flights=flights)
     leader = serve(caching, request(rpc("node_getBlockNumber", id_=1)))
     follower = serve(caching, request(rpc("node_getBlockNumber", id_=2)))
     leader.addErrback(lambda f: f.trap(defer.CancelledError))
     leader.cancel()
-    assert settled(follower).status == 502 and len(flights) == 0
+    assert not upstream.pending[0].called, "the shared call goes on for the follower"
+    upstream.answer(result(42, id_=0))
+    assert json.loads(settled(follower).body) == result(42, id_=2) and len(flights) == 0
+
+
+def test_the_shared_call_is_cancelled_once_nobody_waits():
+    flights = SingleFlight()
+    caching, upstream, _ = stage(flights=flights)
+    leader = serve(caching, request(rpc("node_getBlockNumber", id_=1)))
+    follower = serve(caching, request([rpc("node_getBlockNumber", id_=2), rpc("node_getBlockNumber", id_=3)]))
+    for gone in (follower, leader):
+        gone.addErrback(lambda f: f.trap(defer.CancelledError))
+    follower.cancel()
+    assert not upstream.pending[0].called, "the leader still waits"
+    leader.cancel()
+    assert upstream.pending[0].called and len(flights) == 0, "nobody waits: cancelled"
+    assert leader.called and follower.called
 
 
 def test_batches_are_reassembled_in_the_callers_order():

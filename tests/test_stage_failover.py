@@ -1,7 +1,11 @@
 """The failover stage: picking, attempts, judging, hedging and breaker outcomes, against in-memory
-nodes on a ``task.Clock`` (no sockets, no sleeps)."""
+nodes on a ``task.Clock`` (no sockets, no sleeps); and, over loopback, one caller's bad requests
+against a real gateway (slow)."""
 import gzip
 import json
+
+import pytest
+import pytest_twisted
 
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
@@ -46,7 +50,7 @@ class Nodes:
         return [sent.node for sent in self.client.sent]
 
     def attempts(self, node: str, kind: str) -> float:
-        return sample(self.metrics, "sentinel_proxy_upstream_attempts_total", backend=f"http://{node}", result=kind)
+        return sample(self.metrics, "sentinel_proxy_upstream_attempts_total", backend=node, result=kind)
 
 
 def code_of(reply) -> int:
@@ -362,3 +366,158 @@ def test_a_batch_with_only_some_not_found_items_passes_through():
     reply = settled(nodes.forward(batch))
     assert (reply.backend.name, nodes.asked()) == ("n0:1", ["n0:1"])
     assert json.loads(reply.body) == [not_found(1), result(7, 2)]
+
+
+# ------------------------------------------------------------------------------ the caller's faults
+
+
+def test_judge_tells_the_caller_s_faults_from_the_node_s():
+    nodes = Nodes()
+    backend = nodes.pool.backends[0]
+    single = nodes.plan(rpc("node_getBlockNumber"))
+
+    def kind(body: bytes, code: int = 200, headers: dict | None = None) -> str:
+        return judge(single, backend, UpstreamResponse(code, pairs(headers), body)).kind
+
+    for code in (400, 411, 413, 415, 422, 431):
+        assert kind(b"Unsupported Content-Encoding", code) == "caller_error", code
+    assert kind(b"<html><h1>413 Request Entity Too Large</h1></html>", 413) == "caller_error"
+    assert kind(b"not gzip", 400, {b"content-encoding": [b"gzip"]}) == "caller_error"
+    assert kind(b'{"jsonrpc":"2.0","id":99,"error":{"code":-32600,"message":"Invalid Request"}}') == "caller_error", \
+        "-32600 under another id"
+    assert kind(b'{"jsonrpc":"2.0","id":"x","error":{"code":-32700,"message":"Parse error"}}', 400) == "caller_error"
+    assert kind(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}', 400) == "ok", \
+        "a refusal of the whole request was an answer already"
+    # The node's own faults stay the node's.
+    assert kind(b'{"jsonrpc":"2.0","id":99,"error":{"code":-32603,"message":"Internal error"}}') == "bad_answer"
+    for code in (401, 403, 404, 405, 408, 429, 500, 502, 503):
+        assert kind(b"nope", code) == "bad_answer", code
+    assert kind(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}', 500) \
+        == "bad_answer", "HTTP 500: 4.x's uncaught server error"
+    assert kind(b'{"jsonrpc":"2.0","id":99,"error":{"code":-32700,"message":"x"}}', 502) == "bad_answer"
+
+
+def test_a_caller_s_fault_is_passed_on_not_retried_and_not_charged():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    n0 = nodes.pool.backends[0]
+    nodes.client.script(n0.name, answer(b"Unsupported Content-Encoding", code=415, headers={b"x-node": b"1"}))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber")))
+    assert (reply.status, reply.body, reply.outcome, reply.attempts) == \
+        (415, b"Unsupported Content-Encoding", "rpc_error", 1)
+    assert (b"x-node", b"1") in reply.headers and reply.backend is n0
+    assert nodes.asked() == [n0.name], "another node would refuse it too"
+    assert all(b.breaker.state == "closed" for b in nodes.pool.backends)
+    assert sample(nodes.metrics, "sentinel_proxy_upstream_attempts_total", backend=n0.label,
+                  result="caller_error") == 1.0
+    assert list(n0.answer_latency) == [], "no latency sample"
+
+
+def test_a_caller_s_fault_on_a_half_open_probe_is_no_verdict():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    n0 = nodes.pool.backends[0]
+    n0.breaker.record(False, nodes.clock.seconds())
+    nodes.clock.advance(5.0)
+    assert n0.breaker.available(nodes.clock.seconds()) and n0.breaker.state == "half-open"
+    nodes.client.script(n0.name, answer(b"<html>413</html>", code=413))
+    assert settled(nodes.forward(rpc("node_getBlockNumber"), max_attempts=1)).status == 413
+    assert n0.breaker.state == "half-open" and n0.breaker.available(nodes.clock.seconds())
+
+
+def test_a_hedged_call_refused_as_the_caller_s_fault_ends_there():
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    n0 = nodes.pool.backends[0]
+    nodes.client.script(n0.name, answer(b"bad request", code=400))
+    reply = settled(nodes.forward(rpc("node_getBlockNumber"), hedge=True, hedge_delay=0.05))
+    nodes.clock.advance(1.0)
+    assert reply.status == 400 and nodes.asked() == [n0.name]
+
+
+def test_one_caller_s_bad_requests_open_no_breaker_in_memory():
+    """Every kind of answer a node gives to a caller's bad request, 20 times each, with breakers
+    that open at the first charged failure."""
+    faults = [answer(b"Unsupported Content-Encoding", code=415), answer(b"<html>413</html>", code=413),
+              answer(b"Bad Request", code=400), answer(b"", code=422),
+              answer(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}', code=400),
+              answer(b'{"jsonrpc":"2.0","id":0,"error":{"code":-32600,"message":"Invalid Request"}}'),
+              answer({"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "Invalid params"}}, code=400)]
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    for _ in range(20):
+        for fault in faults:
+            for name in nodes.names:
+                nodes.client.script(name, fault)
+            assert settled(nodes.forward(rpc("node_getBlock", ["x"]), hedge=True, hedge_delay=0.05)).status < 500
+            nodes.clock.advance(0.1)
+    assert [b.breaker.state for b in nodes.pool.backends] == ["closed"] * 3
+    assert not any(b.breaker.transitions for b in nodes.pool.backends)
+
+
+#: What a reverse proxy in front of a node (nginx's client_max_body_size) answers a body too large
+#: for it, though not for the gateway: HTML, no JSON-RPC.
+FRONT_LIMIT = 4096
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_one_caller_cannot_open_a_healthy_node_s_breaker(cluster):
+    """Loopback, a real gateway whose breakers open at the first charged failure, three healthy
+    simulated nodes behind a proxy with a small body limit. One caller sends every kind of bad
+    request, 10 rounds: malformed, oversized, odd encodings, invalid params (JSON-RPC errors), a
+    batch too large for the nodes' proxy. Every breaker stays closed, and the fleet still serves."""
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+
+    from sentinel_simnode.node import SimulatedNode, simulated_site
+    from tests.support import TEST_CHAIN, RunningNode, http, post_json
+
+    class Fronted(Resource):
+        isLeaf = True
+
+        def __init__(self, node: SimulatedNode):
+            super().__init__()
+            self.node = node
+            self.refused = 0
+
+        def render(self, request):
+            if request.content.seek(0, 2) > FRONT_LIMIT:
+                self.refused += 1
+                request.setResponseCode(413)
+                request.setHeader(b"content-type", b"text/html")
+                return b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
+            request.content.seek(0)
+            return self.node.render(request)
+
+    fronts = []
+    for _ in range(3):
+        node = SimulatedNode("pruned", TEST_CHAIN, clock=reactor)
+        site = simulated_site(node)
+        site.resource = Fronted(node)
+        fronts.append(site.resource)
+        cluster.nodes.append(RunningNode(node, reactor.listenTCP(0, site, interface="127.0.0.1")))
+    service, url = await cluster.gateway(cluster.nodes, breaker_consecutive_failures="1",
+                                         breaker_window_failures="1", max_attempts="3")
+    call = json.dumps(rpc("node_getBlockNumber")).encode()
+    packed = gzip.compress(call)
+    plain = {b"content-type": [b"application/json"]}
+    gz = {**plain, b"content-encoding": [b"gzip"]}
+    bad: list[tuple[bytes, dict]] = [
+        (b'{"jsonrpc":"2.0","id":1,"method":', plain),
+        (b"[" + b",".join([call] * 2) + b"]" + b" " * (1 << 20), plain),
+        (packed, {**gz, b"content-encoding": [b"GZIP"]}),
+        (packed, {**gz, b"content-encoding": [b"gzip", b"gzip"]}),
+        (packed[:-8], gz),
+        (packed + b"garbage", gz),
+        (call, {**gz, b"content-encoding": [b"br"]}),
+        (json.dumps(rpc("node_getBlock", ["not a block"])).encode(), plain),
+        (json.dumps(rpc("node_getBlockHeader", [{"odd": True}])).encode(), plain),
+        (json.dumps([rpc("node_getBlockNumber", id_=i) for i in range(100)]).encode(), plain),
+        (call, {b"content-type": [b"text/plain"]}),
+    ]
+    statuses: set[int] = set()
+    for _ in range(10):
+        for body, headers in bad:
+            statuses.add((await http("POST", url, body, headers)).code)
+    assert sum(front.refused for front in fronts) == 10, "the batch too large for the nodes' proxy: asked once each"
+    assert all(code < 500 for code in statuses), statuses
+    assert [b.breaker.state for b in service.pool.backends] == ["closed"] * 3
+    assert not any(b.breaker.transitions for b in service.pool.backends)
+    assert (await post_json(url, rpc("node_getBlockNumber"))).code == 200

@@ -53,7 +53,7 @@ def test_finish_counts_logs_and_adds_the_headers():
         "request_id": "rid-9", "client": "10.1.2.3", "route": "/archiver", "methods": "node_getBlock,node_getBlockNumber",
         "calls": 2, "backend": "n0:1", "status": 200, "outcome": "ok", "duration_ms": 250.0, "attempts": 2}
     assert sample(metrics, "sentinel_proxy_rpc_requests_total", route="/archiver", outcome="ok") == 1.0
-    assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="200", backend="http://n0:1") == 1.0
+    assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="200", backend="n0:1") == 1.0
     assert sample(metrics, "sentinel_proxy_rpc_calls_total", method="node_getBlock", route="/archiver") == 1.0
     assert sample(metrics, "sentinel_proxy_batch_size_count") == 1.0
     telemetry.finish(inbound, error_reply(400, jsonrpc.PARSE_ERROR, "bad"), started)

@@ -148,7 +148,9 @@ class HealthService(PeriodicCheck):
         return Plan(calls, tips, extra, probe)
 
     async def check(self, backend: Backend) -> bool:
+        """One deadline (HEALTH_CHECK_TIMEOUT_MS) for the whole check, a second batch included."""
         started = self.clock.seconds()
+        deadline = started + self._timeout
         try:
             plan = self._plan(backend)
             results, headers = await self._client.batch(backend, plan.calls, self._timeout)
@@ -160,7 +162,7 @@ class HealthService(PeriodicCheck):
                          backend=backend.name, method=remembered)
                 backend.tips_method = None
                 plan = self._plan(backend)
-                results, headers = await self._client.batch(backend, plan.calls, self._timeout)
+                results, headers = await self._client.batch(backend, plan.calls, deadline - self.clock.seconds())
             ready, block, info, sync_status = results[:len(HEALTH_CALLS)]
             if ready is not True:
                 raise ready if isinstance(ready, RpcCallError) else RpcCallError(f"node_isReady answered {ready!r:.40}")

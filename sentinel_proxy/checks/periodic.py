@@ -3,6 +3,15 @@
 A ``TimerService`` with an injectable clock that checks every target backend concurrently and
 catches every failure itself: an unhandled error would stop a ``LoopingCall`` for good, and a
 gateway whose checks silently stopped keeps routing on stale state.
+
+Each node's check runs on its own deadline and records its verdict when it arrives. The loop does
+not wait for a round to end: a hung node would hold back the next round of every other node (a
+node killed meanwhile was marked down 37 s late). A node whose check is still running is left out
+of the next round rather than asked twice; its deadline ends that check.
+
+A check that fails for want of the gateway's own resources (:class:`LocalError`: no file
+descriptor, no local port) gives no verdict: the node's state stays as it was, and the failure
+is counted and logged as the gateway's (``sentinel_proxy_local_errors_total{where="check"}``).
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from sentinel_proxy.interfaces import ICheckClient
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.state.backends import Backend, BackendPool
+from sentinel_proxy.upstream.response import LocalError, LocalErrors
 
 log = Logger(observer=observer)
 
@@ -30,19 +40,22 @@ class PeriodicCheck(TimerService):
 
     def __init__(self, pool: BackendPool, client: ICheckClient, interval: float, timeout: float,
                  clock: IReactorTime, metrics: Metrics | None = None):
-        super().__init__(interval, self.run_once)
+        super().__init__(interval, self._tick)
         self.clock = clock
         self._pool = pool
         self._client = client
         self._timeout = timeout
         self._metrics = metrics
-        self._round: defer.Deferred[Any] | None = None
+        self._local = LocalErrors(clock, "check", metrics)
+        #: The checks still running, by node: each ends by its own deadline.
+        self._running: dict[Backend, defer.Deferred[None]] = {}
 
     def targets(self) -> Iterable[Backend]:
         return self._pool.backends
 
     def configure(self, interval: float, timeout: float) -> None:
-        """New interval and timeout (SIGHUP): the running loop picks the interval up at its next turn."""
+        """New interval and timeout (SIGHUP): the running loop picks the interval up at its next turn,
+        checks started from then on the timeout."""
         self.step = interval
         self._timeout = timeout
         loop = getattr(self, "_loop", None)
@@ -60,19 +73,39 @@ class PeriodicCheck(TimerService):
             ok = await self.check(backend)
         except defer.CancelledError:
             raise
+        except LocalError as failure:
+            self._local.report(failure, backend.name)
+            return  # no verdict, and no check metric: the node was not asked
         except Exception:  # a bug in one check must not stop the loop or the other checks
             log.failure("{check} of {backend} crashed", check=self.name_of_check, backend=backend.name)
         if self._metrics is not None:
             self._metrics.observe_check(self.metric_name, backend.label, self.clock.seconds() - started, ok)
 
+    def _start(self, backend: Backend) -> defer.Deferred[None]:
+        check = defer.Deferred.fromCoroutine(self._guarded(backend))
+        if not check.called:  # (an in-memory node answers at once)
+            self._running[backend] = check
+            check.addBoth(self._finished, backend)
+        return check
+
+    def _finished(self, result: Any, backend: Backend) -> Any:
+        del self._running[backend]
+        return result
+
     def run_once(self) -> defer.Deferred[Any]:
-        """One round over the targets; the returned Deferred never fails."""
-        checks = [defer.Deferred.fromCoroutine(self._guarded(b)) for b in self.targets()]
-        self._round = defer.DeferredList(checks, consumeErrors=True)
-        return self._round
+        """One round over the targets but those whose check still runs; fires once every check it
+        started has ended (never with a failure)."""
+        running = self._running
+        checks = [self._start(b) for b in self.targets() if b not in running]
+        return defer.DeferredList(checks, consumeErrors=True)
+
+    def _tick(self) -> None:
+        """The loop's call: starts a round and returns at once, so the next one starts on time."""
+        self.run_once().addErrback(
+            lambda failure: log.failure("{check} round failed", failure, check=self.name_of_check))
 
     def stopService(self) -> defer.Deferred[None]:
-        # A check can wait up to REQUEST_TIMEOUT_MS on a hanging node: do not let it delay shutdown.
-        if self._round is not None and not self._round.called:
-            self._round.cancel()
+        # A check can wait up to its deadline on a hanging node: do not let it delay shutdown.
+        for check in list(self._running.values()):
+            check.cancel()
         return super().stopService()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
@@ -245,14 +246,17 @@ class Call:
 class ParsedRequest:
     """The calls of a request worth sending on, and the items refused locally."""
 
-    __slots__ = ("is_batch", "calls", "refused", "methods", "text")
+    __slots__ = ("is_batch", "calls", "refused", "methods", "text", "refused_methods")
 
-    def __init__(self, is_batch: bool, calls: tuple[Call, ...], refused: Mapping[int, bytes], text: bytes = b""):
+    def __init__(self, is_batch: bool, calls: tuple[Call, ...], refused: Mapping[int, bytes], text: bytes = b"",
+                 refused_methods: tuple[str, ...] = ()):
         self.is_batch = is_batch
         self.calls = calls
         #: Batch items refused locally: position -> the error item's bytes (never sent upstream).
         self.refused = refused
         self.methods = tuple(call.method for call in calls)
+        #: The method of each refused item, in request order ("?" where it has none): for the access log.
+        self.refused_methods = refused_methods
         #: The request as parsed (after Content-Encoding): :func:`allowed_body` cuts the calls from it.
         self.text = text
 
@@ -332,14 +336,27 @@ def _check_call(item: _Item, position: int, policy: MethodPolicy) -> Call | tupl
     return Call(position, method, request_id, params)
 
 
-def _non_finite_constants(body: bytes) -> str | None:
-    """Where ``body`` holds NaN / Infinity / -Infinity, when it is JSON but for them (JSON has no
-    such numbers): "id" when a call's id is one, "value" when something else is; None when the
-    body is not JSON even so."""
+#: A ``\\uXXXX`` escape of a UTF-16 surrogate (high or low).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _not_json_because(body: bytes) -> str | None:
+    """Why msgspec refused a body the standard library reads: "id" when a call's id is NaN /
+    Infinity / -Infinity (JSON has no such numbers), "value" when something else is, "surrogate"
+    when a string holds a lone UTF-16 surrogate (no valid text: a node, a log, an answer could
+    not carry it); None when the body is not JSON even so."""
+    constants: list[str] = []
+
+    def constant(name: str) -> float:
+        constants.append(name)
+        return float(name)
+
     try:
-        document = json.loads(body, parse_constant=float)
+        document = json.loads(body, parse_constant=constant)
     except (ValueError, RecursionError):
         return None
+    if not constants:
+        return "surrogate" if _SURROGATE_ESCAPE.search(body) else None
     items = document if isinstance(document, list) else [document]
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("id"), float) and not math.isfinite(item["id"]):
@@ -368,7 +385,10 @@ def parse_request(body: bytes, max_batch: int, policy: MethodPolicy = DEFAULT_PO
             raise RequestError(INVALID_REQUEST, f"Invalid Request: {exc}") from None
         raise RequestError(INVALID_REQUEST, "Invalid Request: not a JSON object or array") from None
     except (msgspec.DecodeError, RecursionError):
-        where = _non_finite_constants(body)
+        where = _not_json_because(body)
+        if where == "surrogate":
+            raise RequestError(INVALID_REQUEST, "Invalid Request: a string holds a lone UTF-16 surrogate "
+                                                "(\\ud800-\\udfff not in a pair)") from None
         if where == "id":
             raise RequestError(INVALID_REQUEST, "Invalid Request: invalid id: NaN, Infinity and -Infinity are not "
                                                 "JSON numbers") from None
@@ -385,6 +405,7 @@ def parse_request(body: bytes, max_batch: int, policy: MethodPolicy = DEFAULT_PO
                 INVALID_REQUEST, f"Invalid Request: batch of {count} calls exceeds the limit of {max_batch}")
         calls: list[Call] = []
         refused: dict[int, bytes] = {}
+        refused_methods: list[str] = []
         for position, item in enumerate(document):
             if type(item) is Raw:
                 try:
@@ -393,13 +414,15 @@ def parse_request(body: bytes, max_batch: int, policy: MethodPolicy = DEFAULT_PO
                     message = "Invalid Request: not a JSON object" if memoryview(item)[0] != 0x7B else \
                         f"Invalid Request: {exc}"
                     refused[position] = error_bytes(NULL_ID, INVALID_REQUEST, message)
+                    refused_methods.append("?")
                     continue
             checked = _check_call(item, position, policy)
             if type(checked) is Call:
                 calls.append(checked)
             else:
                 refused[position] = error_bytes(*checked)  # type: ignore[misc]
-        return ParsedRequest(True, tuple(calls), refused, body)
+                refused_methods.append(item.method if type(item.method) is str else "?")
+        return ParsedRequest(True, tuple(calls), refused, body, tuple(refused_methods))
     checked = _check_call(document, 0, policy)
     if type(checked) is not Call:
         raw_id, code, message = checked  # type: ignore[misc]
@@ -448,3 +471,62 @@ def merge_batch(parsed: ParsedRequest, answered: Mapping[int, Any]) -> bytes:
         if part is not None:
             parts.append(part)
     return b"[" + b",".join(parts) + b"]"
+
+
+# ------------------------------------------------------------------ the gateway's own refusals
+
+
+class _IdOnly(msgspec.Struct):
+    """A call as read for nothing but its id (a request refused before or instead of parsing)."""
+
+    id: Union[Raw, UnsetType] = UNSET
+
+
+_read_shape = msgspec.json.Decoder(Union[list[Raw], _IdOnly]).decode
+_read_id_only = msgspec.json.Decoder(_IdOnly).decode
+
+
+def _answerable(raw_id: Union[Raw, UnsetType]) -> bytes | None:
+    """The id to answer under: the caller's bytes, None for a notification, null for an id no
+    answer could carry (NaN, 1E400, an object)."""
+    if raw_id is UNSET:
+        return None
+    raw = bytes(raw_id)
+    return raw if _id_refusal(raw) is None else NULL_ID
+
+
+def ids_in(body: bytes) -> tuple[bool, list[bytes | None]] | None:
+    """Whether ``body`` is a batch, and the id of each of its calls (an item that is no object:
+    null), for an answer to a request the gateway refuses as a whole; None when no id can be told
+    (not JSON, an empty batch, neither an object nor an array)."""
+    try:
+        document = _read_shape(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if type(document) is _IdOnly:
+        return False, [_answerable(document.id)]
+    ids: list[bytes | None] = []
+    for item in document:
+        try:
+            ids.append(_answerable(_read_id_only(item).id))
+        except msgspec.ValidationError:
+            ids.append(NULL_ID)
+    return (True, ids) if ids else None
+
+
+def refusal_body(is_batch: bool, ids: list[bytes | None], code: int, message: str) -> bytes:
+    """One error under each call's id; an array for a batch (a client matches items by position)."""
+    if not is_batch:
+        return error_bytes(ids[0], code, message)
+    return b"[" + b",".join([error_bytes(raw_id, code, message) for raw_id in ids]) + b"]"
+
+
+def refusal_of(parsed: ParsedRequest, code: int, message: str) -> bytes:
+    """The gateway's error for every call of a parsed request, under each call's own id; items
+    refused locally keep their own errors."""
+    if not parsed.is_batch:
+        return error_bytes(parsed.calls[0].id, code, message)
+    parts = dict(parsed.refused)
+    for call in parsed.calls:
+        parts[call.position] = error_bytes(call.id, code, message)
+    return b"[" + b",".join([parts[position] for position in range(parsed.size)]) + b"]"

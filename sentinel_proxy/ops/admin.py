@@ -12,12 +12,18 @@ from typing import Any, Callable, Protocol, Sequence
 from twisted.internet import defer
 
 from sentinel_proxy.settings import SECRET_SETTINGS, Settings
-from sentinel_proxy.state.backends import BackendPool, display_url
+from sentinel_proxy.state.backends import Backend, BackendPool, display_url
 from sentinel_proxy.stores.cache_address import parse_redis_url
 
 
 class Check(Protocol):
     def run_once(self) -> defer.Deferred[Any]: ...
+
+
+class Workers(Protocol):
+    """The other --workers processes (ops/workers.py): they must drain what this one drained."""
+
+    def drained(self, backend: Backend) -> None: ...
 
 
 def mask_redis(url: str) -> str:
@@ -29,20 +35,23 @@ def mask_redis(url: str) -> str:
 
 class Admin:
     """``settings`` and ``in_flight`` are getters: a reload replaces the settings, and the count
-    changes with every request."""
+    changes with every request. ``workers`` is None in a single process."""
 
     def __init__(self, pool: BackendPool, checks: Sequence[Check], settings: Callable[[], Settings],
-                 in_flight: Callable[[], int]):
+                 in_flight: Callable[[], int], workers: Workers | None = None):
         self._pool = pool
         self._checks = checks
         self._settings = settings
         self._in_flight = in_flight
+        self._workers = workers
 
     def drain(self, name: str, drained: bool) -> dict[str, Any] | None:
         backend = self._pool.find(name)
         if backend is None:
             return None
         self._pool.drain(backend, drained)
+        if self._workers is not None:
+            self._workers.drained(backend)
         return {"backend": backend.name, "drained": backend.drained, "routing": backend.routing,
                 "inFlight": self._in_flight()}
 

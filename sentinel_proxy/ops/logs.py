@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate,
+from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                             formatEvent, globalLogPublisher)
 from zope.interface import implementer
 
@@ -21,8 +21,29 @@ LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+_log = Logger(observer=observer)
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def escaped(text: str, limit: int = 256) -> str:
+    """``text`` safe for one log line: control characters (``\\n``, ``\\r``, ESC...) and lone
+    surrogates written as escapes, so a caller's method name or id can neither start a line of
+    its own nor break the write; at most ``limit`` characters. Printable text costs one check."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _write_lines(stream: IO[str], text: str) -> None:
+    """Write, falling back to ASCII escapes when the stream cannot encode the text."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        stream.write(text.encode("ascii", "backslashreplace").decode("ascii"))
+    stream.flush()
 
 
 def set_level(name: str) -> None:
@@ -59,8 +80,9 @@ class JsonLinesObserver:
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        self._stream.write(json.dumps(record, default=str) + "\n")
-        self._stream.flush()
+        # ASCII JSON: control characters and lone surrogates in any field (a caller's method name)
+        # are escapes, so every event stays one line and every line can be written.
+        _write_lines(self._stream, json.dumps(record, default=str) + "\n")
 
 
 def json_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
@@ -74,9 +96,16 @@ class AccessLog:
     per line: 12 % of a request, profiled with py-spy); here a line is one f-string (or one
     ``json.dumps``) appended to a buffer that is written every ``FLUSH_INTERVAL`` seconds (and
     when it holds ``FLUSH_LINES``), in the same shape as the rest of the log.
+
+    What callers choose (request id, forwarded address, method names) is :func:`escaped` in text
+    lines and ASCII-escaped in JSON lines. A write that fails is logged with the number of lines
+    it lost, and the next flush goes on: the flush loop never stops.
     """
 
     FLUSH_INTERVAL = 0.2
+    #: A text line this long or shorter, all printable, is written as it is; a longer one, or one
+    #: with a control character or a lone surrogate, has each field escaped and cut (``escaped``).
+    PLAIN_LINE = 512
     FLUSH_LINES = 512
 
     def __init__(self, stream: IO[str], json_lines: bool):
@@ -94,24 +123,43 @@ class AccessLog:
         return self._stamp
 
     def write(self, now: float, request_id: str, client: str, route: str, methods: str, calls: int, backend: str,
-              status: int, outcome: str, duration_ms: float, attempts: int) -> None:
-        message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
-                   f"{duration_ms:.1f}ms attempts={attempts}")
+              status: int, outcome: str, duration_ms: float, attempts: int, refused: str = "") -> None:
+        """``refused``: the summary of the batch items the gateway refused itself ("" for none)."""
         if self._json:
             line = json.dumps({
                 "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
-                "level": "info", "namespace": "sentinel_proxy.access", "message": message,
+                "level": "info", "namespace": "sentinel_proxy.access",
+                "message": self._message(request_id, client, route, methods, backend, status, outcome, duration_ms,
+                                         attempts, refused),
                 "request_id": request_id, "client": client, "route": route, "methods": methods, "calls": calls,
-                "backend": backend, "status": status, "outcome": outcome, "duration_ms": duration_ms,
-                "attempts": attempts})
+                "refused": refused, "backend": backend, "status": status, "outcome": outcome,
+                "duration_ms": duration_ms, "attempts": attempts})
         else:
+            message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
+                       f"{duration_ms:.1f}ms attempts={attempts}")
+            if refused:
+                message = f"{message} refused={refused}"
+            if len(message) > self.PLAIN_LINE or not message.isprintable():  # one check for the usual line
+                message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(methods),
+                                        escaped(backend), status, outcome, duration_ms, attempts, escaped(refused))
             line = f"{self._prefix(now)} [sentinel_proxy.access#info] {message}"
         self._lines.append(line)
         if len(self._lines) >= self.FLUSH_LINES:
             self.flush()
 
+    @staticmethod
+    def _message(request_id: str, client: str, route: str, methods: str, backend: str, status: int, outcome: str,
+                 duration_ms: float, attempts: int, refused: str) -> str:
+        message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
+                   f"{duration_ms:.1f}ms attempts={attempts}")
+        return f"{message} refused={refused}" if refused else message
+
     def flush(self) -> None:
-        if self._lines:
-            lines, self._lines = self._lines, []
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+        """Write what is buffered; never raises (it runs in a TimerService, which a raise would stop)."""
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            _write_lines(self._stream, "\n".join(lines) + "\n")
+        except Exception:
+            _log.failure("the access log could not write {count} line(s); they are lost", count=len(lines))

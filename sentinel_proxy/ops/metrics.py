@@ -12,19 +12,22 @@ dicts keyed by label tuples, updated without locks (the reactor is one thread, a
 :class:`RequestCollector`. prometheus_client's own objects cost a lock per sample, a label
 look-up and a bucket walk per observation: ~15 % of the gateway's CPU per request. The
 exposition is the one those objects would give for the same observations (tests/test_metrics.py).
-The rarely updated check metrics stay prometheus_client objects.
+The check metrics are kept the same way, so that with --workers every family reaches the shared
+metric files (:meth:`Metrics.share`, ops/shared_metrics.py) by one path.
 """
 from __future__ import annotations
 
 from bisect import bisect_left
 from typing import Generic, Iterable, Iterator, Sequence, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
 
 from sentinel_proxy.core import methods
+from sentinel_proxy.ops.shared_metrics import MetricFiles
 from sentinel_proxy.state.backends import BackendPool
 
 #: Value of the prototype's "method" label; kept for compatibility (it always said "proxy").
@@ -275,7 +278,8 @@ class HistogramFamily(Family[HistogramValue]):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
                  buckets: Sequence[float] = DEFAULT_BUCKETS):
         self.bounds = upper_bounds(buckets)
-        self._les = tuple(floatToGoString(bound) for bound in self.bounds)
+        #: The ``le`` label of each bucket, as the exposition spells it.
+        self.les = tuple(floatToGoString(bound) for bound in self.bounds)
         super().__init__(name, documentation, labelnames)
 
     def _new(self) -> HistogramValue:
@@ -283,7 +287,7 @@ class HistogramFamily(Family[HistogramValue]):
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        les = self._les
+        les = self.les
         for key, series in list(self.series.items()):
             cumulated, total = [], 0
             for le, count in zip(les, series.counts):
@@ -367,13 +371,19 @@ class Metrics:
         self.client_timeouts = add(CounterFamily(
             "sentinel_proxy_client_timeouts", "Requests cut off because their headers or body did not arrive in "
             "time (CLIENT_HEADER_TIMEOUT_MS, CLIENT_BODY_TIMEOUT_MS)", ["phase"]))
+        # Rare (one per check), and made by the worker that runs the checks only.
+        self.check_duration = add(HistogramFamily("sentinel_proxy_check_duration_seconds",
+                                                  "Health and integrity check duration", ["check", "backend"]))
+        self.check_failures = add(CounterFamily("sentinel_proxy_check_failures", "Failed health and integrity checks",
+                                                ["check", "backend"]))
         r.register(hot)
-        # Rare (one per check): prometheus_client's own objects.
-        self.check_duration = Histogram("sentinel_proxy_check_duration_seconds", "Health and integrity check duration",
-                                        ["check", "backend"], registry=r)
-        self.check_failures = Counter("sentinel_proxy_check_failures", "Failed health and integrity checks",
-                                      ["check", "backend"], registry=r)
+        self._hot = hot
+        self._pool = pool
         self.registry.register(PoolCollector(pool))
+        self._stores: list[StoreCollector] = []
+        #: With --workers: this process's metric files and the registry that reads every worker's.
+        self._files: MetricFiles | None = None
+        self._shared: CollectorRegistry | None = None
         # The three duration histograms share the default buckets: observe_request bisects once.
         assert self.duration.bounds == self.rpc_duration.bounds == self.rpc_call_duration.bounds
         self._bounds = self.rpc_duration.bounds
@@ -461,7 +471,9 @@ class Metrics:
 
     def watch(self, kind: str, store: object) -> None:
         """Export a store's counters: ``kind`` is "cache" or "ratelimit"."""
-        self.registry.register(StoreCollector(kind, store))
+        collector = StoreCollector(kind, store)
+        self.registry.register(collector)
+        self._stores.append(collector)
 
     def observe_cache(self, counts: dict[str, int]) -> None:
         for result, count in counts.items():
@@ -479,5 +491,36 @@ class Metrics:
         if not ok:
             self.check_failures.labels(check, backend).inc()
 
+    def share(self, directory: str, pid: int) -> None:
+        """From now on count into ``directory`` too, and show what every process counted there
+        (--workers: ops/shared_metrics.py); the node gauges stay this process's, which all workers
+        share through the leader's snapshots."""
+        self._files = MetricFiles(directory, pid)
+        self._shared = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(self._shared, path=directory)
+        self._shared.register(PoolCollector(self._pool))
+        self.sync()
+
+    def sync(self) -> None:
+        """Copy what changed since the last call into this process's files (when shared)."""
+        files = self._files
+        if files is None:
+            return
+        for family in self._hot.families:
+            files.write_family(family)
+        for store in self._stores:
+            for metric in store.collect():
+                files.write_metric(metric)
+
+    def unshare(self) -> None:
+        """Back to this process's numbers alone: the directory is about to go."""
+        if self._files is not None:
+            self.sync()
+            self._files.close()
+        self._files = self._shared = None
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        self.sync()
+        return generate_latest(self._shared)

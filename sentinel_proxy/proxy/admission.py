@@ -92,3 +92,9 @@ class RateLimit:
             return None
         wait = max(1, math.ceil(decision.retry_after))
         return error_reply(429, jsonrpc.RATE_LIMITED, f"Rate limit exceeded; retry in {wait} s", retry_after=wait)
+
+    async def refuse_unknown_key(self, caller: Caller, limits: Limits) -> Reply:
+        """The answer to a key that is not valid: 401, after it took one token from the caller's
+        address bucket, so guessing keys is throttled like anonymous calls (429 once the bucket is
+        empty). One token, whatever the body: it is refused before it is read."""
+        return await self.take(f"ip:{caller.address}", (), limits) or unknown_key()

@@ -13,15 +13,15 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import msgspec
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.core.answers import MISSING, entry_from_store, entry_of, item_bytes, store_value
 from sentinel_proxy.core.cache_policy import FOREVER, NEVER, NEVER_DECISION, RULES, Decision, Rule, decide, storable
 from sentinel_proxy.interfaces import IResponseCache
 from sentinel_proxy.ops.metrics import Metrics
-from sentinel_proxy.proxy.coalesce import Entry, Flight, SingleFlight
+from sentinel_proxy.proxy.coalesce import Entry, Flight, SharedCall, SingleFlight
 from sentinel_proxy.proxy.values import JSON_HEADERS, HeaderPairs, Plan, Reply, error_reply
-from sentinel_proxy.upstream.response import UpstreamError
 
 
 class Miss:
@@ -48,10 +48,16 @@ class Lookup:
         self.counts = {"hit": 0, "miss": 0, "coalesced": 0}
 
     def release(self) -> None:
-        """Never leave followers waiting (failure, cancellation): a flight already answered ignores this."""
-        for miss in self.misses:
-            if miss.flight is not None:
-                miss.flight.fail(UpstreamError("transport", "the leading call did not complete"))
+        """Stop waiting for the answers not awaited (the request failed or its caller left), so a
+        shared call nobody waits for is cancelled and no failure is left unhandled."""
+        for _, waiter in self.shared:
+            if not waiter.called:
+                waiter.cancel()
+            waiter.addErrback(_ignored)
+
+
+def _ignored(_: Failure) -> None:
+    """A wait given up: its outcome concerns nobody."""
 
 
 class Fetched:
@@ -163,11 +169,12 @@ class Caching:
         if not cacheable:
             return None
         lookup = await self._look_up(parsed.calls, decisions)
+        fetching = self._fetch_shared(plan, lookup.misses) if lookup.misses else None
         try:
             self._metrics.observe_cache(lookup.counts)
             fetched = None
-            if lookup.misses:
-                fetched = await self._fetch(plan, lookup.misses)
+            if fetching is not None:
+                fetched = await fetching
                 if isinstance(fetched, Reply):
                     return fetched
             entries = dict(lookup.found)
@@ -176,6 +183,8 @@ class Caching:
             for call, waiter in lookup.shared:
                 try:
                     entries[call.position] = await waiter
+                except defer.CancelledError:  # this request's caller went away
+                    raise
                 except Exception:  # the leading call failed at every node it tried
                     return error_reply(502, jsonrpc.UPSTREAM_FAILED, "Upstream node failed for a shared call",
                                        "upstream_error")
@@ -185,33 +194,46 @@ class Caching:
 
     async def _look_up(self, calls: tuple[jsonrpc.Call, ...], decisions: list[Decision]) -> Lookup:
         """Classify each call: found in the cache, waiting for an identical call in flight, or a
-        miss this request leads (others asking meanwhile wait for it)."""
+        miss this request leads (others asking meanwhile wait for it).
+
+        Flights are joined and led only once every look-up is back, and the caller starts their
+        upstream call without waiting in between: a flight never exists without its call.
+        """
         lookup = Lookup()
-        leading: dict[bytes, Flight] = {}
-        try:
-            for call, decision in zip(calls, decisions):
-                if decision.kind == NEVER:
-                    lookup.misses.append(Miss(call, decision, None))
-                    continue
+        left: list[tuple[jsonrpc.Call, Decision]] = []
+        for call, decision in zip(calls, decisions):
+            if decision.kind != NEVER:
                 stored = await self._cache.get(decision.key)
                 entry = entry_from_store(stored) if stored is not None else None
                 if entry is not None:
                     lookup.found[call.position] = entry
                     lookup.counts["hit"] += 1
                     continue
-                flight = leading.get(decision.key)
-                waiter = flight.wait() if flight is not None else self._flights.join(decision.key)
-                if waiter is not None:
-                    lookup.shared.append((call, waiter))
-                    lookup.counts["coalesced"] += 1
-                    continue
-                leading[decision.key] = flight = self._flights.lead(decision.key)
-                lookup.misses.append(Miss(call, decision, flight))
-                lookup.counts["miss"] += 1
-        except BaseException:
-            lookup.release()
-            raise
+            left.append((call, decision))
+        leading: dict[bytes, Flight] = {}
+        for call, decision in left:
+            if decision.kind == NEVER:
+                lookup.misses.append(Miss(call, decision, None))
+                continue
+            flight = leading.get(decision.key)
+            waiter = flight.wait() if flight is not None else self._flights.join(decision.key)
+            if waiter is not None:
+                lookup.shared.append((call, waiter))
+                lookup.counts["coalesced"] += 1
+                continue
+            leading[decision.key] = flight = self._flights.lead(decision.key)
+            lookup.misses.append(Miss(call, decision, flight))
+            lookup.counts["miss"] += 1
         return lookup
+
+    def _fetch_shared(self, plan: Plan, misses: list[Miss]) -> defer.Deferred[Fetched | Reply]:
+        """:meth:`_fetch`, as a call this request shares with the followers of its flights: it goes
+        on if this request's caller leaves while others wait (cancelled once nobody does)."""
+        running = defer.Deferred.fromCoroutine(self._fetch(plan, misses))
+        flights = [miss.flight for miss in misses if miss.flight is not None]
+        if not flights:  # nobody else can wait for these calls: the request owns them alone
+            return running
+        return SharedCall(running, flights).leader()
 
     async def _fetch(self, plan: Plan, misses: list[Miss]) -> Fetched | Reply:
         """Send the calls the cache could not answer; store and share what comes back.

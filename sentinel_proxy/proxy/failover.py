@@ -21,7 +21,7 @@ from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy.values import JSON_HEADERS, Attempt, Plan, Reply, error_reply
 from sentinel_proxy.state.backends import Backend, BackendPool
-from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.response import LocalError, LocalErrors, UpstreamError, UpstreamResponse
 
 log = Logger(observer=observer)
 
@@ -29,6 +29,14 @@ log = Logger(observer=observer)
 DEFAULT_HEDGE_DELAY = 0.05
 #: Attempt failures after which another node may get the same call (when it is safe to repeat).
 _RETRYABLE = frozenset({"timeout", "connect", "transport", "bad_answer"})
+#: What a node answers when the request it got is at fault, not the node: bad syntax, a body too
+#: large or of a type it refuses, or content it cannot process. Such an answer with no usable
+#: JSON-RPC body is the caller's (kind "caller_error"): another node would answer the same.
+#: 401/403/404/405/408/429 stay the node's: they come from its set-up or its load, not the caller.
+CALLER_ERROR_STATUSES = frozenset({400, 411, 413, 415, 422, 431})
+#: JSON-RPC errors that say the request itself is unreadable: -32700 (parse error), -32600 (invalid request).
+_REQUEST_ERRORS = frozenset({jsonrpc.PARSE_ERROR, jsonrpc.INVALID_REQUEST})
+_read_error = msgspec.json.Decoder(dict[str, Any]).decode
 
 #: Response headers that describe the connection to the node, not the answer.
 _DROP_RESPONSE_HEADERS = frozenset({
@@ -141,7 +149,29 @@ def wrong_dialect(plan: Plan, items: list[Any] | None) -> bool:
     return all(_method_not_found(item) for item in items)
 
 
-def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str) -> Attempt:
+def refuses_the_request(answer: UpstreamResponse, text: bytes | None) -> bool:
+    """Whether an answer the request path cannot use says the caller's request is at fault: a
+    client-error status (:data:`CALLER_ERROR_STATUSES`), or, short of a 5xx, one JSON-RPC error
+    object -32700 or -32600 under whatever id (``text``: the body, decoded when it was compressed).
+    Run only on answers already found unusable."""
+    if answer.code in CALLER_ERROR_STATUSES:
+        return True
+    if answer.code >= 500 or text is None or b"-32" not in text:
+        return False
+    try:
+        error = _read_error(text).get("error")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False
+    return isinstance(error, dict) and error.get("code") in _REQUEST_ERRORS
+
+
+def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str, text: bytes | None = None) -> Attempt:
+    if refuses_the_request(answer, text):
+        log.info("request {request_id}: {backend} refused the request as the caller's fault (HTTP {code}, {why}); "
+                 "passed on, not retried, not charged", request_id=plan.request_id, backend=backend.name,
+                 code=answer.code, why=why)
+        return Attempt(backend, "caller_error", f"HTTP {answer.code}: the request refused ({why})", answer=answer,
+                       body=answer.body)
     log.warn("request {request_id}: {backend} answered HTTP {code} with an unusable body: {why}",
              request_id=plan.request_id, backend=backend.name, code=answer.code, why=why)
     return Attempt(backend, "bad_answer", f"HTTP {answer.code} with an unusable body: {why}")
@@ -149,7 +179,9 @@ def _bad(plan: Plan, backend: Backend, answer: UpstreamResponse, why: str) -> At
 
 def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
     """A 5xx, garbage, or an answer that does not answer the request is the node failing;
-    anything else, JSON-RPC errors included, is an answer.
+    anything else, JSON-RPC errors included, is an answer. An unusable answer that blames the
+    request (:func:`refuses_the_request`: HTTP 400, 413, 415, ... or a lone -32700/-32600 under
+    another id) is kind "caller_error": the caller's fault, passed on as the node sent it.
 
     The answer is parsed and checked against the request's ids (:func:`answers.match`): its
     items must be the calls' answers, matched by id. When they come in another order than asked,
@@ -183,7 +215,7 @@ def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
     try:
         matched = answers.match(text, parsed.calls, parsed.is_batch, want_pieces=bool(refused))
     except answers.BadAnswer as failure:
-        return _bad(plan, backend, answer, str(failure))
+        return _bad(plan, backend, answer, str(failure), text)
     kind, why = "ok", ""
     if matched.errors and wrong_dialect(plan, matched.items):
         kind, why = "wrong_dialect", "-32601 (method not found) to every call: it does not speak that dialect"
@@ -249,6 +281,7 @@ class Failover:
         self._client = client
         self._metrics = metrics
         self._clock = clock
+        self._local = LocalErrors(clock, "upstream", metrics)
 
     async def forward(self, plan: Plan) -> Reply:
         """Failover: the next-best node after a transport error, timeout, 5xx or garbage, never the
@@ -258,7 +291,12 @@ class Failover:
         A node that does not speak the request's dialect (kind "wrong_dialect": -32601 to every
         call, see :func:`wrong_dialect`) provably executed nothing: the request goes to another
         node, writes included, and when the last attempt was such an answer the caller gets it as
-        the node sent it (status included) rather than a 502."""
+        the node sent it (status included) rather than a 502.
+
+        A node refusing the request as the caller's fault (kind "caller_error") ends it: the caller
+        gets that answer, and no other node is asked. The gateway failing to open a connection
+        itself (kind "local", :class:`LocalError`) ends it too, with 503 -32005 and Retry-After:
+        the node is not at fault and the caller may come back in a moment."""
         limits = plan.limits
         tried: list[Backend] = []
         failure: Attempt | None = None
@@ -298,6 +336,12 @@ class Failover:
                 log.info("request {request_id}: {backend} no longer keeps block {block}; asking a node that does",
                          request_id=plan.request_id, backend=result.backend.name, block=oldest)
                 continue
+            if result.kind == "caller_error":  # another node would refuse it too
+                return answer_reply(result, pick.fallback, len(tried))
+            if result.kind == "local":
+                return error_reply(503, jsonrpc.OVERLOADED, "Gateway overloaded: it cannot open a connection to a "
+                                   "node (out of file descriptors, ports or memory); retry shortly",
+                                   attempts=len(tried), retry_after=1)
             failure = result
             if result.kind == "wrong_dialect":
                 continue  # it executed nothing: any call may go to another node
@@ -350,15 +394,20 @@ class Failover:
         except defer.CancelledError:
             self._pool.record_outcome(backend, self._clock.seconds(), attempt="abandoned")
             raise
+        except LocalError as failure:
+            # The gateway's own failure: no attempt result, no breaker charge (its probe slot is freed).
+            self._pool.record_outcome(backend, self._clock.seconds(), attempt="abandoned")
+            self._local.report(failure, backend.name)
+            return Attempt(backend, "local", str(failure))
         else:
             result = judge(plan, backend, answer)
         now = self._clock.seconds()
         self._metrics.observe_attempt(backend.label, result.kind)
         if result.ok:
             self._pool.record_outcome(backend, now, attempt="answered", latency_ms=(now - started) * 1000.0)
-        elif result.kind in ("too_large", "wrong_dialect"):
-            # The caller asked for too much, or in a dialect the node does not speak: no sign of a
-            # failing node (the node answered, but not with the answer: no latency sample either).
+        elif result.kind in ("too_large", "wrong_dialect", "caller_error"):
+            # The caller asked for too much, in a dialect the node does not speak, or wrongly: no
+            # sign of a failing node (it answered, but not with the answer: no latency sample either).
             self._pool.record_outcome(backend, now, attempt="abandoned")
         else:
             self._pool.record_outcome(backend, now, attempt="failed")

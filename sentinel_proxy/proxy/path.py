@@ -16,7 +16,7 @@ from sentinel_proxy.interfaces import IForwardingClient, IRateLimiter, IResponse
 from sentinel_proxy.ops.logs import AccessLog, observer
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.proxy import guard
-from sentinel_proxy.proxy.admission import InFlight, RateLimit, bucket_of, unknown_key
+from sentinel_proxy.proxy.admission import InFlight, RateLimit, bucket_of
 from sentinel_proxy.proxy.caching import Caching
 from sentinel_proxy.proxy.failover import Failover
 from sentinel_proxy.proxy.telemetry import Telemetry
@@ -80,6 +80,8 @@ class RequestPath:
                 reply = error_reply(500, jsonrpc.INTERNAL_ERROR, "Internal gateway error", outcome="upstream_error")
             finally:
                 self._in_flight.leave()
+        if reply.refusal is not None:  # refused before the body was parsed: the ids read from it
+            reply = guard.addressed_unparsed(reply, inbound, limits.max_body)
         if reply.backend is not None:
             self._pool.record_outcome(reply.backend, self._clock.seconds(), reply_status=reply.status)
         return self._telemetry.finish(inbound, reply, started)
@@ -87,17 +89,18 @@ class RequestPath:
     async def _admitted(self, inbound: Inbound, limits: Limits) -> Reply:
         bucket = bucket_of(inbound.caller, limits.key_digests)
         if bucket is None:
-            return unknown_key()
+            return await self._rate_limit.refuse_unknown_key(inbound.caller, limits)
         parsed = guard.check(inbound, limits, self._pool.history_floor(inbound.route))
         if isinstance(parsed, Reply):
             return parsed
         limited = await self._rate_limit.take(bucket, parsed.methods, limits)
         if limited is not None:
-            return limited
+            return guard.addressed(limited, parsed)
         plan = guard.plan(inbound, parsed, limits, self._clock.seconds() + limits.timeout)
         reply = None
         if self._caching is not None:
             reply = await self._caching.serve(plan)
         if reply is None:
             reply = await self._failover.forward(plan)
-        return reply.described(parsed.methods, parsed.size if parsed.is_batch else None)
+        return guard.addressed(reply, parsed).described(parsed.methods, parsed.size if parsed.is_batch else None,
+                                                        parsed.refused_methods)

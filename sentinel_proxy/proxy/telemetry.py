@@ -10,10 +10,14 @@ from sentinel_proxy.proxy.values import HeaderPairs, Inbound, Reply
 from sentinel_proxy.state.status import RequestTotals
 
 
-def methods_summary(methods: tuple[str, ...], shown: int = 3) -> str:
+def methods_summary(methods: tuple[str, ...], shown: int = 3, empty: str = "-") -> str:
+    """The first ``shown`` names, each cut to 64 characters (names come from callers), and how
+    many more. The usual short names cost one join."""
     if not methods:
-        return "-"
+        return empty
     text = ",".join(methods[:shown])
+    if len(text) > 64:
+        text = ",".join([name if len(name) <= 64 else name[:64] + "..." for name in methods[:shown]])
     return text if len(methods) <= shown else f"{text},+{len(methods) - shown}"
 
 
@@ -70,5 +74,5 @@ class Telemetry:
             self.access_log.write(self._clock.seconds(), caller.request_id, caller.address, inbound.route,
                                   methods_summary(reply.methods), len(reply.methods),
                                   backend.name if backend else "-", reply.status, reply.outcome, elapsed * 1000.0,
-                                  reply.attempts)
+                                  reply.attempts, methods_summary(reply.refused) if reply.refused else "")
         return reply.with_headers(response_headers(reply, caller.request_id, self._worker))

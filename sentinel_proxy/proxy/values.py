@@ -84,13 +84,18 @@ class Reply:
 
     ``items``: for the cache stage, the node's answer item of each call in request order (None
     when the answer is not one item per call: a failure, or a refusal of the whole request).
+    ``refusal``: (code, message) of the gateway's own error, written under the null id until the
+    request path puts each call's id in (:func:`.guard.addressed`). ``refused``: the methods of
+    the batch items the gateway refused itself (for the access log).
     """
 
-    __slots__ = ("status", "body", "headers", "backend", "outcome", "attempts", "methods", "batch", "items")
+    __slots__ = ("status", "body", "headers", "backend", "outcome", "attempts", "methods", "batch", "items",
+                 "refusal", "refused")
 
     def __init__(self, status: int, body: bytes, headers: HeaderPairs = JSON_HEADERS, backend: Backend | None = None,
                  outcome: str = "rejected", attempts: int = 0, methods: tuple[str, ...] = (),
-                 batch: int | None = None, items: list[Any] | None = None):
+                 batch: int | None = None, items: list[Any] | None = None,
+                 refusal: tuple[int, str] | None = None, refused: tuple[str, ...] = ()):
         self.status = status
         self.body = body
         self.headers = headers
@@ -101,14 +106,22 @@ class Reply:
         self.methods = methods
         self.batch = batch
         self.items = items
+        self.refusal = refusal
+        self.refused = refused
 
-    def described(self, methods: tuple[str, ...], batch: int | None) -> Reply:
+    def described(self, methods: tuple[str, ...], batch: int | None, refused: tuple[str, ...] = ()) -> Reply:
         """The same reply, for a request of these calls (metrics and the access log count them)."""
-        return Reply(self.status, self.body, self.headers, self.backend, self.outcome, self.attempts, methods, batch)
+        return Reply(self.status, self.body, self.headers, self.backend, self.outcome, self.attempts, methods, batch,
+                     refusal=self.refusal, refused=refused)
+
+    def readdressed(self, body: bytes) -> Reply:
+        """The same refusal, its body written under the callers' ids."""
+        return Reply(self.status, body, self.headers, self.backend, self.outcome, self.attempts, self.methods,
+                     self.batch, refused=self.refused)
 
     def with_headers(self, extra: HeaderPairs) -> Reply:
         return Reply(self.status, self.body, self.headers + extra, self.backend, self.outcome, self.attempts,
-                     self.methods, self.batch)
+                     self.methods, self.batch, refusal=self.refusal, refused=self.refused)
 
     def __repr__(self) -> str:
         return (f"Reply({self.status}, {self.body[:200]!r}, outcome={self.outcome!r}, attempts={self.attempts}, "
@@ -118,16 +131,19 @@ class Reply:
 def error_reply(status: int, code: int, message: str, outcome: str = "rejected",
                 backend: Backend | None = None, attempts: int | None = None,
                 retry_after: int | None = None) -> Reply:
-    """The gateway's own JSON-RPC error; ``retry_after`` (seconds) tells a refused caller when to come back."""
+    """The gateway's own JSON-RPC error; ``retry_after`` (seconds) tells a refused caller when to come back.
+    Written under the null id: the request path puts the callers' ids in once it knows them."""
     headers = JSON_HEADERS if retry_after is None else JSON_HEADERS + ((b"retry-after", str(retry_after).encode()),)
     if attempts is None:
         attempts = 0 if backend is None else 1
-    return Reply(status, jsonrpc.error_bytes(jsonrpc.NULL_ID, code, message), headers, backend, outcome, attempts)
+    return Reply(status, jsonrpc.error_bytes(jsonrpc.NULL_ID, code, message), headers, backend, outcome, attempts,
+                 refusal=(code, message))
 
 
 #: The request headers worth passing on to a node, in the order they are sent; the rest
-#: (hop-by-hop, cookies, host, credentials) stay with us.
-FORWARDED_HEADERS = (b"content-type", b"content-encoding", b"accept-encoding", b"user-agent")
+#: (hop-by-hop, cookies, host, credentials) stay with us. Not Content-Encoding: the body goes as
+#: the guard decoded and validated it.
+FORWARDED_HEADERS = (b"content-type", b"accept-encoding", b"user-agent")
 _IDENTITY = (b"accept-encoding", b"identity")
 
 
@@ -141,9 +157,6 @@ def forwarded_headers(headers: Mapping[bytes, bytes], request_id: bytes, plain: 
     if plain:
         pairs.append(_IDENTITY)
     else:
-        encoding = get(b"content-encoding")
-        if encoding is not None:
-            pairs.append((b"content-encoding", encoding))
         accept = get(b"accept-encoding")
         if accept is not None:
             pairs.append((b"accept-encoding", accept))

@@ -11,7 +11,7 @@ import random as _random
 from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger
@@ -60,15 +60,35 @@ class LatencyWindow:
 
 
 def display_url(url: str) -> str:
-    """The URL with any password masked: /health, metrics and logs must not leak credentials."""
+    """``scheme://host:port``: all of a node's URL that may be shown anywhere. Userinfo, path and
+    query are where node credentials live (``user:pass@``, ``TOKEN@``, ``/v1/APIKEY``, ``?key=``),
+    so none of them is ever shown, not even masked."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def display_names(entries: Sequence[tuple[str, str]]) -> list[str]:
+    """Each node's display name: its configured name (``name=URL``), else its :func:`display_url`.
+
+    Nodes behind one ``scheme://host:port`` (different path keys or users) would share a display
+    URL: the first of them in the configured order keeps it, the next become ``#2``, ``#3``... A
+    suffix drawn from the hidden parts (a hash of the URL) would leak them to anyone who can guess.
+    Configured names cannot clash with these: they hold no ``:`` or ``#``.
+    """
+    names = []
+    seen: dict[str, int] = {}
+    for name, url in entries:
+        if name:
+            names.append(name)
+            continue
+        shown = display_url(url)
+        seen[shown] = seen.get(shown, 0) + 1
+        names.append(shown if seen[shown] == 1 else f"{shown}#{seen[shown]}")
+    return names
 
 
 def _target(url: str) -> tuple[bytes, bytes | None]:
@@ -91,17 +111,6 @@ def _target(url: str) -> tuple[bytes, bytes | None]:
 TRUSTED_STATUSES = frozenset({"perfect", "good"})
 
 
-def default_name(url: str) -> str:
-    """host:port: short enough for a header and a log line, and never carries credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    path = parts.path.rstrip("/")
-    return f"{host}:{port}{path}"
-
-
 BackendEntry = Union[str, Tuple[str, str]]
 
 
@@ -117,11 +126,12 @@ class TipsReport:
 
 @dataclass(eq=False)
 class Backend:
-    url: str
-    #: Short node name (configured as ``name=url``, else host:port): headers, logs, dashboard.
+    #: The URL as configured, credentials included: only :func:`_target` reads it (and the pool, to
+    #: match nodes across reloads and workers). Never shown, not even in a repr.
+    url: str = field(repr=False)
+    #: The display name (:func:`display_names`): the only way the node is named anywhere, in
+    #: headers, logs, /metrics, /health, the dashboard and /admin.
     name: str = ""
-    #: The URL with its password masked: the prototype's ``url`` in /health and its metric label.
-    label: str = field(init=False)
     target: bytes = field(init=False, repr=False)
     authorization: bytes | None = field(init=False, repr=False)
     healthy: bool = False
@@ -163,8 +173,7 @@ class Backend:
     priority: int = 0
 
     def __post_init__(self) -> None:
-        self.name = self.name or default_name(self.url)
-        self.label = display_url(self.url)
+        self.name = self.name or display_url(self.url)
         self.target, self.authorization = _target(self.url)
         self.rescore()
 
@@ -173,6 +182,12 @@ class Backend:
         inconsistent = len(self.verdict.inconsistent_epochs) if self.verdict else 0
         self.priority = scoring.priority(missing, inconsistent, self.latency.average, self.healthy)
         self.node_type = scoring.node_type(self.oldest_block, self.verdict.node_type if self.verdict else "")
+
+    @property
+    def label(self) -> str:
+        """The metric label and /health's ``url``: the display name as well (the prototype put the
+        URL there, credentials and all)."""
+        return self.name
 
     @property
     def checked_down(self) -> bool:
@@ -210,12 +225,10 @@ class Backend:
         return block is None or self.oldest_block is None or self.oldest_block <= block
 
 
-def _backend(entry: BackendEntry) -> Backend:
-    """A URL, or a (name, URL) pair whose empty name means the default."""
-    if isinstance(entry, str):
-        return Backend(entry)
-    name, url = entry
-    return Backend(url, name)
+def _backends(entries: Iterable[BackendEntry]) -> list[Backend]:
+    """URLs, or (name, URL) pairs whose empty name means the default, named by :func:`display_names`."""
+    pairs = [("", entry) if isinstance(entry, str) else entry for entry in entries]
+    return [Backend(url, name) for (_, url), name in zip(pairs, display_names(pairs))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +248,7 @@ class BackendPool:
         self._breaker_policy = scoring.BreakerPolicy()
         #: Called with (backend, new state) on every breaker transition: metrics and logs.
         self.on_breaker_change: Callable[[Backend, str], None] | None = None
-        self.backends: tuple[Backend, ...] = tuple(_backend(entry) for entry in urls)
+        self.backends: tuple[Backend, ...] = tuple(_backends(urls))
         self.set_breaker_policy(self._breaker_policy)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
         self._falling_back: set[str] = set()
@@ -284,10 +297,16 @@ class BackendPool:
         self._rebuild()
 
     def replace(self, entries: Iterable[BackendEntry]) -> None:
-        """Set the backend list, keeping the state of nodes that stay."""
+        """Set the backend list, keeping the state of nodes that stay (under their new name, when the
+        reload renamed them)."""
         current = {b.url: b for b in self.backends}
-        fresh = [_backend(entry) for entry in entries]
-        self.backends = tuple(current.get(b.url) or b for b in fresh)
+        kept = []
+        for backend in _backends(entries):
+            same = current.get(backend.url)
+            if same is not None:
+                same.name = backend.name
+            kept.append(same or backend)
+        self.backends = tuple(kept)
         self.set_breaker_policy(self._breaker_policy)
         self.reassess()
 
@@ -358,8 +377,9 @@ class BackendPool:
         self._rebuild()
 
     def find(self, name: str) -> Backend | None:
-        """A backend by its name, or by its URL as /health shows it."""
-        return next((b for b in self.backends if name in (b.name, b.label)), None)
+        """A backend by its display name, or by that name without its ``scheme://``: no ``/`` can
+        travel in ``/admin/drain/<name>``."""
+        return next((b for b in self.backends if name in (b.name, b.name.partition("://")[2] or b.name)), None)
 
     def drain(self, backend: Backend, drained: bool) -> None:
         backend.drained = drained
@@ -468,13 +488,16 @@ class BackendPool:
         self._rebuild()
 
     def _reassess_agreement(self, voters: list[Backend]) -> None:
-        """Compare the voters' block hashes (core/agreement.py); quarantine the diverged nodes."""
-        reports = {b.url: agreement.Report(agreement.parse_tips(b.tips), b.archive) for b in voters}
-        previous = {b.url: b.divergence for b in self.backends if b.divergence is not None}
+        """Compare the voters' block hashes (core/agreement.py); quarantine the diverged nodes.
+
+        Nodes go in by display name: a contest is sticky across rounds and reloads, and /health and
+        the log show its sides as they are kept, so a URL (with its credentials) must never be one."""
+        reports = {b.name: agreement.Report(agreement.parse_tips(b.tips), b.archive) for b in voters}
+        previous = {b.name: b.divergence for b in self.backends if b.divergence is not None}
         before = self.agreement
         self.agreement = agreement.analyse(reports, previous, before.contested)
         for backend in self.backends:
-            was, now = backend.divergence, self.agreement.diverged.get(backend.url)
+            was, now = backend.divergence, self.agreement.diverged.get(backend.name)
             backend.divergence = now
             if now is None:
                 if was is not None:
@@ -485,11 +508,10 @@ class BackendPool:
             if was is None:
                 log.warn("backend {backend} diverged from the majority: {reason}", backend=backend.name,
                          reason=now.reason(), height=now.height, hash=now.value, majority=now.majority, kind=now.kind)
-        names = {b.url: b.name for b in self.backends}
         contest = self.agreement.contested
         if contest is not None and before.contested is None:
             log.warn("nodes disagree and no majority decides: {reason}; nothing becomes immutable in the cache "
-                     "until a majority agrees at or above block {height}", reason=contest.reason(names),
+                     "until a majority agrees at or above block {height}", reason=contest.reason(),
                      height=contest.height)
         elif contest is None and before.contested is not None:
             log.info("a majority agrees again at or above block {height}", height=before.contested.height)

@@ -5,6 +5,7 @@ is an extra key beside them.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -102,15 +103,32 @@ def tips_document(backend: Backend) -> dict[str, Any] | None:
 
 def agreement_document(pool: BackendPool) -> dict[str, Any]:
     """What the nodes agree on: the finalized tip the cache trusts, and the heights compared."""
-    agreement = pool.agreement
-    names = {b.url: b.name for b in pool.backends}
+    agreement = pool.agreement  # nodes by display name (BackendPool._reassess_agreement)
     return {
         "finalized": pool.finalized,
         "compared": [m.to_json() for m in agreement.majorities],
-        "contested": agreement.contested.to_json(names) if agreement.contested else None,
-        "diverged": sorted(names.get(key, key) for key in agreement.diverged),
+        "contested": agreement.contested.to_json() if agreement.contested else None,
+        "diverged": sorted(agreement.diverged),
         "probeHeight": agreement.probe_height,
     }
+
+
+def readiness(pool: BackendPool, now: float, draining: bool = False) -> tuple[bool, str]:
+    """Whether the gateway can serve a call on ``/`` now, and if not why (the body of /ready's 503).
+
+    The pool's own :meth:`~BackendPool.pick` decides, so /ready cannot drift from what the request
+    path would do: no node at all (down, drained, quarantined), or only nodes whose breakers are
+    open, which the request path tries as a last resort but a load balancer should route around.
+    """
+    if draining:
+        return False, "draining: the gateway is shutting down"
+    pick = pool.pick("/", now=now)
+    if pick.backend is None:
+        routing = sorted(Counter(b.routing for b in pool.backends).items())
+        return False, "no node can take traffic on /: " + ", ".join(f"{n} {state}" for state, n in routing)
+    if pick.fallback == "breaker":
+        return False, "no node can take traffic on /: the circuit breaker of every eligible node is open"
+    return True, "ready"
 
 
 def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> dict[str, Any]:

@@ -205,6 +205,8 @@ def _gcra(now: float, tat: float, cost: float, rate: float, burst: float) -> tup
 @implementer(IRateLimiter)
 class MemoryRateLimiter:
     """Buckets in this process: one float per client that is not at full burst, O(1) per take.
+    One process only: with --workers each worker would allow the whole rate, so config.py refuses
+    it there (Redis holds one set of buckets for them all).
 
     Memory is bounded twice. Buckets are kept in least-recently-used order, and each take drops
     the least recently used ones that have refilled completely (a full bucket is the same as no

@@ -38,10 +38,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.response import LocalError, UpstreamError, UpstreamResponse, local_error
 
-__all__ = ["BytesProducer", "PooledAgent", "DirectEndpointFactory", "UpstreamEndpoint", "UpstreamError",
-           "UpstreamResponse", "bounded", "read_body"]
+__all__ = ["BytesProducer", "LocalError", "PooledAgent", "DirectEndpointFactory", "UpstreamEndpoint",
+           "UpstreamError", "UpstreamResponse", "bounded", "read_body"]
 
 T = TypeVar("T")
 
@@ -197,7 +197,8 @@ async def bounded(exchange: defer.Deferred[T], timeout: float, clock: IReactorTi
     """The result of ``exchange`` (a whole request, body included) if it comes within ``timeout``
     seconds; the deadline cancels it, which closes its connection.
 
-    Failures of the connection become :class:`UpstreamError`; a cancellation by the caller stays a
+    Failures of the connection become :class:`UpstreamError`, or :class:`LocalError` when the gateway
+    itself could not open one (:func:`local_error`); a cancellation by the caller stays a
     ``CancelledError`` (a hedge race lost, a check stopped at shutdown: not the node's failure).
     """
     # Cancelling surfaces as whatever the agent wraps it in (ResponseNeverReceived, ...), so the
@@ -208,7 +209,7 @@ async def bounded(exchange: defer.Deferred[T], timeout: float, clock: IReactorTi
     except neterror.ConnectingCancelledError:
         raise defer.CancelledError() from None
     except _CONNECT_ERRORS as exc:
-        raise UpstreamError("connect", f"cannot connect: {exc.__class__.__name__}") from None
+        raise local_error(exc) or UpstreamError("connect", f"cannot connect: {exc.__class__.__name__}") from None
     except _TRANSPORT_ERRORS as exc:
         if any(isinstance(getattr(reason, "value", None), defer.CancelledError)
                for reason in getattr(exc, "reasons", ())):

@@ -32,7 +32,7 @@ from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.state.backends import Backend
 from sentinel_proxy.upstream.memory import PREALLOCATE_FROM, AnswerMemory, fill, finished, new_body
 from sentinel_proxy.upstream.pool import NodePool
-from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
+from sentinel_proxy.upstream.response import LocalError, UpstreamError, UpstreamResponse, local_error
 
 #: Bound on an answer's status line and headers (llhttp itself sets none): a node streaming
 #: headers forever must not grow memory until the deadline.
@@ -138,7 +138,7 @@ class _Connection(Protocol):
         if counted:
             self._memory.give_back(counted)
 
-    def _end(self, outcome: UpstreamResponse | UpstreamError) -> None:
+    def _end(self, outcome: UpstreamResponse | UpstreamError | LocalError) -> None:
         """Fire the caller's Deferred with the outcome; the connection is already dealt with.
 
         The answer's bytes stay counted until the hand-over returns: the request path writes the
@@ -163,7 +163,7 @@ class _Connection(Protocol):
         self._connecting = None
         if self._deferred is not None:  # else we cancelled it ourselves: the caller has its answer
             self._request = None
-            self._end(UpstreamError("connect", f"cannot connect: {reason.type.__name__}"))
+            self._end(local_error(reason.value) or UpstreamError("connect", f"cannot connect: {reason.type.__name__}"))
 
     # ---------------------------------------------------------------------------- the transport
 

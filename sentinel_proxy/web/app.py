@@ -6,7 +6,7 @@ Importing this module imports Klein, which installs the default reactor: import 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -17,14 +17,14 @@ from twisted.web.static import File
 from sentinel_proxy.ops.admin import Admin
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.state.backends import BackendPool
-from sentinel_proxy.state.status import RequestTotals, health_document
+from sentinel_proxy.state.status import RequestTotals, health_document, readiness
 from sentinel_proxy.web.assets import STATIC_DIR, StaticFiles
-from sentinel_proxy.web.auth import Access
+from sentinel_proxy.web.auth import Access, Refusal
 
 _CORS_PREFLIGHT = (
     (b"access-control-allow-origin", b"*"),
     (b"access-control-allow-methods", b"POST, OPTIONS"),
-    (b"access-control-allow-headers", b"content-type, content-encoding, accept-encoding, x-request-id"),
+    (b"access-control-allow-headers", b"content-type, content-encoding, accept-encoding, x-request-id, x-api-key"),
     (b"access-control-max-age", b"86400"),
 )
 
@@ -39,7 +39,8 @@ class GatewayApp:
     app = Klein()
 
     def __init__(self, pool: BackendPool, metrics: Metrics, totals: RequestTotals, clock: IReactorTime,
-                 admin: Admin, access: Access):
+                 admin: Admin, access: Access, draining: Callable[[], bool]):
+        """``draining``: whether graceful shutdown has begun (then /ready answers 503 at once)."""
         self._pool = pool
         self._metrics = metrics
         self._totals = totals
@@ -47,13 +48,16 @@ class GatewayApp:
         self._started = clock.seconds()
         self._admin = admin
         self._access = access
+        self._draining = draining
 
     def resource(self) -> IResource:
         return self.app.resource()
 
     def _refused(self, request: Request, for_status: bool = False) -> bytes | None:
         """None when the request may go on; else the refusal's answer."""
-        refusal = self._access.refusal(request, for_status)
+        return self._answer(request, self._access.refusal(request, for_status))
+
+    def _answer(self, request: Request, refusal: Refusal | None) -> bytes | None:
         if refusal is None:
             return None
         request.setResponseCode(refusal.status)
@@ -82,15 +86,21 @@ class GatewayApp:
 
     @app.route("/ready", methods=["GET"])
     def ready(self, request: Request) -> bytes:
-        """Ready only with a healthy node, so a load balancer in front of several gateways can act."""
+        """Ready only while a call on ``/`` would find a node, so a load balancer in front of several
+        gateways can act; never while shutting down (the load balancer moves first)."""
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-        if self._pool.any_healthy:
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+        ready, reason = readiness(self._pool, self._clock.seconds(), self._draining())
+        if ready:
             return b"READY"
         request.setResponseCode(503)
-        return b"NOT READY: no healthy backend"
+        return f"NOT READY: {reason}".encode()
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Request) -> bytes:
+        refused = self._answer(request, self._access.metrics_refusal(request))
+        if refused is not None:
+            return refused
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; version=0.0.4; charset=utf-8"])
         return self._metrics.render()
 

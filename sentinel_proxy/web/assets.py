@@ -3,6 +3,7 @@ CDN, no web fonts."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.web import pages
 from twisted.web.resource import IResource
@@ -17,3 +18,8 @@ class StaticFiles(File):
     def directoryListing(self) -> IResource:
         return pages.notFound()
 
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        """A name no file can have (``%00``) is not found, not a ValueError from the file system."""
+        if b"\x00" in path:
+            return pages.notFound()
+        return super().getChild(path, request)

@@ -1,8 +1,9 @@
 """Who is asking, and may they: request ids, the caller's address and API key, the admin token.
 
 The rules read the running settings through a getter at each request, so a reload rotates
-ADMIN_TOKEN or changes TRUSTED_PROXIES and PROTECT_STATUS without telling the web layer. Nothing
-here writes an answer: a refusal is a value the routes turn into one.
+ADMIN_TOKEN or METRICS_TOKEN, or changes TRUSTED_PROXIES, PROTECT_STATUS or PROTECT_METRICS,
+without telling the web layer. Nothing here writes an answer: a refusal is a value the routes
+turn into one.
 """
 from __future__ import annotations
 
@@ -120,9 +121,23 @@ class Access:
             return None
         if not settings.admin_token:
             return None if for_status else Refusal(404, "admin endpoints are disabled (ADMIN_TOKEN is not set)")
-        given = bearer(request.getHeader(b"authorization")) or request.getHeader(b"x-admin-token")
-        if given is None:
-            return Refusal(401, "a token is required (Authorization: Bearer ...)", challenge=True)
-        if not token_matches(given, settings.admin_token):
-            return Refusal(403, "wrong token")
-        return None
+        return _checked(request, (settings.admin_token,))
+
+    def metrics_refusal(self, request: Request) -> Refusal | None:
+        """None when /metrics may be read: always, unless PROTECT_METRICS is on or METRICS_TOKEN is
+        set; then with the admin token or METRICS_TOKEN (the configuration refuses PROTECT_METRICS
+        with neither set, so a protected /metrics always has a key)."""
+        settings = self._settings()
+        if not (settings.protect_metrics or settings.metrics_token):
+            return None
+        return _checked(request, (settings.metrics_token, settings.admin_token))
+
+
+def _checked(request: Request, tokens: Sequence[str]) -> Refusal | None:
+    """401 without a token, 403 unless it is one of ``tokens`` (the empty ones open nothing)."""
+    given = bearer(request.getHeader(b"authorization")) or request.getHeader(b"x-admin-token")
+    if given is None:
+        return Refusal(401, "a token is required (Authorization: Bearer ...)", challenge=True)
+    if not any(token and token_matches(given, token) for token in tokens):
+        return Refusal(403, "wrong token")
+    return None

@@ -15,6 +15,11 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.python.failure import Failure
 
+#: While draining, how long a connection with nothing owed and nothing arriving is kept before it
+#: is closed: a request the caller sent before it could see the drain (at most a round trip, well
+#: under a second even across continents) is still read and served. Any longer only delays the exit.
+DRAIN_WINDOW = 1.0
+
 
 class Handoff:
     """The Site's channel for one connection, and the bytes waiting for it to start."""
@@ -58,6 +63,25 @@ class Connections:
         #: ``LeanHTTP`` protocols; a handed-off one stays here until its connection ends.
         self.protocols: set[Any] = set()
         self._site = site_connections
+        #: From the drain's start every answer says ``Connection: close``.
+        self.draining = False
+
+    def drain(self, clock: IReactorTime) -> None:
+        """The drain begins: answers say close from now on, and each connection closes once it has
+        nothing owed and has heard nothing for :data:`DRAIN_WINDOW` (the connections close
+        themselves; :meth:`settle` waits for that)."""
+        self.draining = True
+        for protocol in list(self.protocols):
+            protocol.drain()
+        if self._site is not None:
+            self._site.drain(clock)
+
+    async def settle(self, clock: IReactorTime, timeout: float) -> None:
+        """Wait, up to ``timeout`` seconds, for the connections to close themselves."""
+        site = self._site.protocols if self._site is not None else set()
+        deadline = clock.seconds() + timeout
+        while (self.protocols or site) and clock.seconds() < deadline:
+            await task.deferLater(clock, 0.01, lambda: None)
 
     async def close_all(self, clock: IReactorTime, timeout: float) -> None:
         """Close every connection after what was written to it (``loseConnection`` sends what is

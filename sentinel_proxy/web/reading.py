@@ -39,7 +39,8 @@ class RequestReader(Protocol):
     """The parser's callbacks and the state of the message being read."""
 
     __slots__ = ("_parser", "_clock", "_max_body", "_url", "_raw", "_body", "_size", "_head", "_in_head",
-                 "_in_message", "_route", "_query", "_headers", "_keep", "_expect", "_upgrade", "_mode", "_idle_since")
+                 "_in_message", "_route", "_query", "_headers", "_keep", "_expect", "_upgrade", "_mode", "_idle_since",
+                 "_body_since")
 
     def __init__(self, max_body: int, clock: IReactorTime):
         self._parser = HttpRequestParser(self)  # llhttp's strict defaults: never set_dangerous_leniencies
@@ -55,8 +56,12 @@ class RequestReader(Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._keep = True
         self._mode = LEAN
-        #: When the connection last became idle or a request began (the idle timeout counts from it).
+        #: When the connection last became idle or a request began (the idle timeout and the header
+        #: deadline count from it).
         self._idle_since = clock.seconds()
+        #: When the body of the request being read began to be awaited (0: not yet noted); noted
+        #: only when a read ends inside a message, so a request read whole costs no clock read.
+        self._body_since = 0.0
 
     # What the connection does with what is read (LeanHTTP).
     def _dispatch(self, route: str, body: bytes, headers: dict[bytes, bytes], query: bytes, too_large: bool,
@@ -93,17 +98,22 @@ class RequestReader(Protocol):
             self._head += len(data)
             if self._head > 2 * MAX_HEAD_BYTES:
                 self._refuse(431, b"request header fields too large\n")
+        elif self._in_message and not self._body_since and mode <= REBUILD:
+            self._body_since = self._clock.seconds()  # the body deadline counts from here
 
     # ---------------------------------------------------------------------- llhttp's callbacks
 
+    def on_message_begin(self) -> None:
+        """The request's first byte: its header deadline counts from here (not from its URL, which
+        a client could hold back behind a dripped method)."""
+        self._in_head = self._in_message = True
+        self._url = b""
+        self._head = 0
+        self._body_since = 0.0
+        self._idle_since = self._clock.seconds()
+
     def on_url(self, url: bytes) -> None:
-        if self._in_head:  # the request line came in pieces
-            self._url += url
-        else:
-            self._in_head = self._in_message = True
-            self._url = url
-            self._head = 0
-            self._idle_since = self._clock.seconds()
+        self._url += url  # the request line may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:

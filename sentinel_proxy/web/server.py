@@ -23,10 +23,21 @@ without its body being read), heads by ``MAX_HEAD_BYTES`` and ``MAX_HEADERS`` (4
 llhttp's strict defaults refuse request smuggling (Content-Length with Transfer-Encoding,
 duplicate lengths, bad chunks: 400 and close). Reading stops while a caller does not read its
 answers (the protocol is its transport's producer) or has :data:`MAX_PIPELINE` requests waiting.
+
+Slow callers: a request's line and headers must arrive within CLIENT_HEADER_TIMEOUT_MS of its first
+byte, its body within CLIENT_BODY_TIMEOUT_MS of the end of its headers (else 408 and a close),
+whatever the pace of its bytes; connections are capped in total and per client address
+(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT): past a cap a new connection is closed at once. All
+of it rides on the one timer each connection already has, re-armed lazily in ``_tick``.
+
+The drain (``Connections.drain``, web/handoff.py): from its start every answer says
+``Connection: close`` (the last one owed, so pipelined requests already read are answered first),
+and a connection with nothing owed and nothing arriving is closed after :data:`DRAIN_WINDOW`.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.internet import defer
@@ -40,9 +51,9 @@ from sentinel_proxy.twisted_private import write_now
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.proxy.values import Caller, Reply
 from sentinel_proxy.web.auth import Access, peer_address
-from sentinel_proxy.web.handoff import Connections, Handoff
-from sentinel_proxy.web.reading import DISCARD, MAX_HEAD_BYTES, RAW, RequestReader
-from sentinel_proxy.web.wire import CONTINUE, LINGER_CLOSE, Dates, encode, plain
+from sentinel_proxy.web.handoff import DRAIN_WINDOW, Connections, Handoff
+from sentinel_proxy.web.reading import DISCARD, MAX_HEAD_BYTES, RAW, REBUILD, RequestReader
+from sentinel_proxy.web.wire import CLOSE, CONTINUE, LINGER_CLOSE, Dates, encode, plain
 
 log = Logger(observer=observer)
 
@@ -58,11 +69,25 @@ Handle = Callable[[str, bytes, Mapping[bytes, bytes], bool, Caller], Awaitable[R
 # Why reading is paused (bits).
 _WRITES, _QUEUE, _BUFFER = 1, 2, 4
 
+#: How often refused connections are logged at most, in seconds (a flood must not flood the log).
+REFUSAL_LOG_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What a caller's connection may take: the deadlines of a request's head and body, in seconds,
+    and the connections held at once, in total and per client address (all reloadable)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 4096
+    max_per_client: int = 256
+
 
 class _Exchange:
     """One request's place in the answer order."""
 
-    __slots__ = ("answer", "close", "deferred")
+    __slots__ = ("answer", "close", "deferred", "reply")
 
     #: KEEP (or KEEP_SAID: an HTTP/1.0 keep-alive, which the answer must confirm), CLOSE after the
     #: answer, or LINGER_CLOSE (an error: see ``LeanHTTP._end``).
@@ -72,6 +97,9 @@ class _Exchange:
         self.answer = answer
         self.close = close
         self.deferred: defer.Deferred[None] | None = None
+        #: While draining, the reply is kept and encoded when it goes out: only then is it known
+        #: whether it is the last one owed (which says ``Connection: close``).
+        self.reply: Reply | None = None
 
 
 @implementer(IPushProducer)
@@ -82,9 +110,10 @@ class LeanHTTP(RequestReader):
     __slots__ = ("_factory", "_handle", "_caller", "_peer", "_queue", "_handoff", "_timer", "_paused", "_lost",
                  "_ended", "_producing")
 
-    def __init__(self, factory: LeanServerFactory):
+    def __init__(self, factory: LeanServerFactory, peer: str):
         super().__init__(factory.max_body, factory.clock)
         self._factory = factory
+        self._peer = peer
         self._handle = factory.handle
         self._caller = factory.caller
         self._queue: deque[_Exchange] = deque()
@@ -100,12 +129,13 @@ class LeanHTTP(RequestReader):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        self._peer = peer_address(getattr(transport.getPeer(), "host", None))
         transport.registerProducer(self, True)  # told when the caller stops reading its answers
         self._producing = True
-        self._factory.connections.protocols.add(self)
+        factory = self._factory
+        factory.connections.protocols.add(self)
         self._idle_since = self._clock.seconds()
-        self._timer = self._clock.callLater(self._factory.idle_timeout, self._tick)
+        wait = DRAIN_WINDOW if factory.connections.draining else factory.tick
+        self._timer = self._clock.callLater(wait, self._tick)
 
     def dataReceived(self, data: bytes) -> None:
         mode = self._mode
@@ -126,7 +156,7 @@ class LeanHTTP(RequestReader):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cancel what is still in flight (its upstream calls too); relay to a handed-off channel."""
         self._lost = True
-        self._factory.connections.protocols.discard(self)
+        self._factory.release(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -174,7 +204,11 @@ class LeanHTTP(RequestReader):
         try:
             reply = await self._handle(route, body, headers, too_large, caller)
             now = self._clock.seconds()
-            answer = encode(reply, exchange.close, self._factory.dates.line(now))
+            if self._factory.connections.draining:
+                exchange.reply = reply
+                answer = b""  # encoded in _flush
+            else:
+                answer = encode(reply, exchange.close, self._factory.dates.line(now))
         except defer.CancelledError:
             if self._lost:  # the caller left: its upstream call was cancelled with it
                 return
@@ -195,19 +229,31 @@ class LeanHTTP(RequestReader):
         """Write the answers that are ready, in order, each as one write."""
         queue = self._queue
         transport = self.transport
+        draining = self._factory.connections.draining
         while queue:
             exchange = queue[0]
             answer = exchange.answer
             if answer is None:
                 return
             queue.popleft()
+            if exchange.reply is not None:
+                answer = self._last_says_close(exchange, now)
             write_now(transport, answer)
             if exchange.close > 0:
-                self._end(exchange.close == LINGER_CLOSE)
+                # While draining, what the caller sent after the last answer is read and dropped
+                # for a while (no reset over that answer), as after an error.
+                self._end(exchange.close == LINGER_CLOSE or draining)
                 return
         self._idle_since = now
         if self._paused or self._expect or self._handoff is not None:
             self._idle()
+
+    def _last_says_close(self, exchange: _Exchange, now: float) -> bytes:
+        """A reply kept while draining, as it goes out: ``Connection: close`` on the last one owed,
+        unless a next request is already arriving (it is served, and its answer closes)."""
+        if exchange.close <= 0 and not self._queue and not self._in_message:
+            exchange.close = CLOSE
+        return encode(exchange.reply, exchange.close, self._factory.dates.line(now))
 
     def _idle(self) -> None:
         """Nothing owed any more: what waited for that."""
@@ -269,21 +315,52 @@ class LeanHTTP(RequestReader):
             self._timer = self._clock.callLater(self._factory.idle_timeout, self._tick)
 
     def _tick(self) -> None:
-        """The idle clock: re-armed lazily (one timer per connection, no reset per request)."""
+        """The connection's one timer, re-armed lazily (no reset per request): it wakes at least
+        every ``factory.tick`` seconds (the shortest of the idle timeout and the deadlines), so a
+        request begun since the last wake-up is held to its deadline to the moment from the next."""
         self._timer = None
         if self._lost or self._handoff is not None and self._handoff.channel is not None:
-            return  # twisted.web's own timeout rules a handed-off connection
+            return  # the Site's channel rules a handed-off connection (web/site.py)
         if self._ended:  # the linger is over, or the caller never read the last answer
             self.transport.abortConnection()
             return
-        timeout = self._factory.idle_timeout
-        wait = timeout
-        if not self._queue:
-            wait = self._idle_since + timeout - self._clock.seconds()
-            if wait <= 0:
-                self._end(False)
+        factory = self._factory
+        now = self._clock.seconds()
+        wait = DRAIN_WINDOW if factory.connections.draining else factory.tick
+        if self._in_message and self._mode <= REBUILD:
+            limits = factory.limits
+            if self._in_head:
+                left = self._idle_since + limits.header_timeout - now
+            else:
+                left = self._body_since + limits.body_timeout - now
+            if left <= 0:
+                self._timed_out("header" if self._in_head else "body")
                 return
+            wait = min(wait, left)
+        elif not self._queue:
+            timeout = DRAIN_WINDOW if factory.connections.draining else factory.idle_timeout
+            left = self._idle_since + timeout - now
+            if left <= 0:
+                self._end(factory.connections.draining)
+                return
+            wait = min(wait, left)
         self._timer = self._clock.callLater(wait, self._tick)
+
+    def _timed_out(self, phase: str) -> None:
+        """A request's head or body is late: 408 in its turn, and the connection ends."""
+        self._factory.timed_out(phase)
+        self._refuse(408, b"request timed out\n")
+        if not self._ended:  # the 408 waits behind answers still owed: keep a clock on them
+            self._timer = self._clock.callLater(self._factory.idle_timeout, self._tick)
+
+    def drain(self) -> None:
+        """The drain began: whatever this connection was waiting for, look again within
+        :data:`DRAIN_WINDOW` (an idle connection closes then, unless a request came meanwhile)."""
+        if self._lost or self._ended or self._handoff is not None and self._handoff.channel is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._clock.callLater(DRAIN_WINDOW, self._tick)
 
     def close(self) -> None:
         """The drain's last step (it has waited for the requests in flight, up to its grace): close
@@ -320,23 +397,76 @@ class LeanHTTP(RequestReader):
 
 
 class LeanServerFactory(Factory):
-    """What the listener serves: :class:`LeanHTTP` connections, the ``site`` behind them."""
+    """What the listener serves: :class:`LeanHTTP` connections, the ``site`` behind them; the
+    connection caps, kept as counts per client address."""
 
     noisy = False
 
     def __init__(self, handler: Any, access: Access, site: Any, clock: IReactorTime, max_body: int,
-                 idle_timeout: float = 60.0):
+                 idle_timeout: float = 60.0, limits: ClientLimits = ClientLimits(), metrics: Any = None):
         self.handle: Handle = handler.handle
         self.caller = access.caller_from
         self.site = site
         self.clock = clock
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.metrics = metrics
         self.dates = Dates()
         self.connections = Connections(getattr(site, "connections", None))
+        #: Connections held per client address (``peer_address``).
+        self.clients: dict[str, int] = {}
+        self._refused = 0
+        self._refusal_logged = float("-inf")
+        self.configure(limits)
 
-    def buildProtocol(self, addr: IAddress) -> LeanHTTP:
-        return LeanHTTP(self)
+    def configure(self, limits: ClientLimits) -> None:
+        """New limits (a reload): deadlines apply to the next tick of every connection, caps to
+        the next connection; the Site's handed-off requests get the same deadlines."""
+        self.limits = limits
+        #: The longest a connection's timer sleeps (see ``LeanHTTP._tick``).
+        self.tick = min(self.idle_timeout, limits.header_timeout, limits.body_timeout)
+        self.site.configure(limits.header_timeout + limits.body_timeout)
+
+    def buildProtocol(self, addr: IAddress) -> LeanHTTP | None:
+        """A new connection, or None past a cap: the port then closes the socket at once."""
+        peer = peer_address(getattr(addr, "host", None))
+        held = self.clients.get(peer, 0)
+        if len(self.connections.protocols) >= self.limits.max_connections:
+            self._refuse("total", peer)
+            return None
+        if held >= self.limits.max_per_client:
+            self._refuse("per_client", peer)
+            return None
+        self.clients[peer] = held + 1
+        return LeanHTTP(self, peer)
+
+    def release(self, protocol: LeanHTTP) -> None:
+        """A connection ended: its place under the caps is free."""
+        self.connections.protocols.discard(protocol)
+        peer = protocol._peer
+        held = self.clients.get(peer, 0) - 1
+        if held > 0:
+            self.clients[peer] = held
+        else:
+            self.clients.pop(peer, None)
+
+    def _refuse(self, reason: str, peer: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(reason).inc()
+        self._refused += 1
+        now = self.clock.seconds()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+            log.warn("refused {count} caller connections since the last such line (last: {peer}, over "
+                     "{cap}); {held} connections held", count=self._refused, peer=peer,
+                     cap="MAX_CONNECTIONS" if reason == "total" else "MAX_CONNECTIONS_PER_CLIENT",
+                     held=len(self.connections.protocols))
+            self._refused = 0
+            self._refusal_logged = now
+
+    def timed_out(self, phase: str) -> None:
+        """A request cut off by its deadline (``phase``: header or body), counted."""
+        if self.metrics is not None:
+            self.metrics.client_timeouts.labels(phase).inc()
 
     def startFactory(self) -> None:
         """The Site serves handed-off connections as if it listened itself."""

@@ -127,10 +127,7 @@
     var nodeTd = el("td", "c-node");
     r.name = el("div", "name");
     r.name.dataset.field = "name";
-    r.url = el("div", "url mono");
-    r.url.dataset.field = "url";
     nodeTd.appendChild(r.name);
-    nodeTd.appendChild(r.url);
     main.appendChild(nodeTd);
 
     r.health = el("span", "badge health");
@@ -261,12 +258,13 @@
   }
 
   function updateRow(r, b, now) {
+    // The display name: the configured name, else scheme://host:port. The gateway never sends
+    // the URL itself (it may hold the node's credentials), and "url" is the same display name.
     var url = str(b.url);
-    var name = str(b.name);
+    var name = str(b.name) || url;
     setAttr(r.body, "data-node", url);
-    setText(r.name, name || url || "(no url)");
-    setText(r.url, name ? url : "");
-    setAttr(r.name, "title", url);
+    setText(r.name, name || "(no name)");
+    setAttr(r.name, "title", name);
 
     var healthy = b.healthy === true ? "healthy" : b.healthy === false ? "unhealthy" : "unknown";
     setText(r.health, healthy);
