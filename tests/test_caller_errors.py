@@ -222,6 +222,10 @@ async def test_end_to_end_bad_input_gets_clear_400s_and_the_daemon_keeps_serving
         (answer_,) = answers(await raw_exchange(port, b"GET " + path + b" HTTP/1.1\r\nHost: gw\r\n"
                                                       b"Connection: close\r\n\r\n"))
         assert answer_.status == 404, path
+    for path in (b"/static/%ff", b"/%c3%28", b"/health%fe"):  # not UTF-8: a 400, and no traceback logged
+        (answer_,) = answers(await raw_exchange(port, b"GET " + path + b" HTTP/1.1\r\nHost: gw\r\n"
+                                                      b"Connection: close\r\n\r\n"))
+        assert answer_.status == 400 and answer_.body == b"Non-UTF-8 encoding in URL.\n", path
     assert (await post_json(url, rpc("node_getBlockNumber"))).code == 200
 
 

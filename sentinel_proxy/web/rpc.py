@@ -6,6 +6,7 @@ the request path, profiled with py-spy): the routes that carry all the traffic s
 from __future__ import annotations
 
 from typing import Any, Mapping, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -49,6 +50,14 @@ def write_reply(request: Request, reply: Reply) -> bytes:
     return reply.body
 
 
+def _utf8(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class RpcResource(Resource):
     isLeaf = True
 
@@ -61,6 +70,11 @@ class RpcResource(Resource):
     def render(self, request: Request) -> Any:
         route = RPC_ROUTES.get(request.path) if request.method == b"POST" else None
         if route is None:
+            if not _utf8(unquote_to_bytes(request.path)) or not _utf8(request.getRequestHostname()):
+                # Klein would log a traceback for each such request: a caller could fill the log.
+                request.setResponseCode(400)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"Non-UTF-8 encoding in URL.\n"
             return self._other_routes.render(request)
         handling = defer.Deferred.fromCoroutine(self._proxy(request, route))
         gone: list[bool] = []
