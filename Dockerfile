@@ -8,20 +8,23 @@
 # Configuration comes from the environment (every variable of docs/configuration.md), or from a
 # .env file mounted at /app/.env (then SIGHUP reloads it: see docs/runbook.md); the environment
 # wins, so the image's PROXY_PORT=8080 is changed with -e PROXY_PORT=..., not in .env. Arguments
-# after the image name are options of `twistd sentinel-proxy` (--demo, --backends ...). Nothing
-# secret is in the image. Needs BuildKit (the default builder since Docker Engine 23) for RUN --mount.
+# after the image name are options of `twistd sentinel-proxy` (--demo, --backends ...); to check a
+# configuration without starting: docker run --rm --entrypoint sentinel-proxy IMAGE check-config.
+# Nothing secret is in the image. Needs BuildKit (the default builder since Docker Engine 23) for
+# RUN --mount.
 
 # Build stage: wheels of the gateway and of every dependency (the ones without a binary wheel are
-# compiled here, so the final image needs no compiler and no network).
+# compiled here, so the final image needs no compiler and no network), at the versions pinned in
+# constraints.txt, the ones the tests ran with: the same sources build the same image any day.
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY setup.py ./
+COPY setup.py constraints.txt ./
 COPY sentinel_proxy ./sentinel_proxy
 COPY sentinel_simnode ./sentinel_simnode
 COPY twisted/plugins/sentinel_proxy_plugin.py ./twisted/plugins/
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels --constraint constraints.txt .
 
 # Final stage: only the installed wheels, run by an unprivileged user.
 FROM python:3.11-slim

@@ -1,22 +1,31 @@
-# Quick start:  make demo   (set up and run the gateway in front of four simulated Aztec nodes)
+# Quick start:  make demo   (set up and run the gateway in front of four simulated Aztec nodes,
+#                            on 127.0.0.1:8080; another port: make demo DEMO_PORT=9090)
 #               make test   (set up and run the whole test suite)
-PYTHON ?= python3
-VENV   ?= .venv
-BIN     = $(VENV)/bin
-STAMP   = $(VENV)/.installed
+PYTHON    ?= python3
+VENV      ?= .venv
+BIN        = $(VENV)/bin
+STAMP      = $(VENV)/.installed
+DEMO_PORT ?= 8080
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install lock clean
 
-$(STAMP): setup.py
+# Every dependency at the version pinned in constraints.txt (the Docker image uses the same file).
+$(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Pin the newest versions that satisfy setup.py again (runtime, test and otel extras, for Python 3.11).
+lock: $(STAMP)
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --upgrade --extra test --extra otel --strip-extras --no-emit-index-url \
+	    --no-emit-find-links --output-file constraints.txt setup.py
+
 demo: $(STAMP)
-	$(BIN)/twistd -n --pidfile= sentinel-proxy --demo
+	$(BIN)/sentinel-proxy run --demo --listen tcp:$(DEMO_PORT):interface=127.0.0.1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -15,17 +15,23 @@ from typing import Any, Mapping
 from dotenv.parser import Binding, parse_stream
 from twisted.logger import Logger
 
+from sentinel_proxy.listening import server_endpoint
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.settings import RELOADABLE, SECRET_SETTINGS, SPECS, SPECS_BY_FIELD, Settings, Spec
 
 __all__ = ["ConfigError", "DEMO_DEFAULTS", "RELOADABLE", "SECRET_SETTINGS", "SPECS", "SPECS_BY_FIELD", "Settings",
-           "Spec", "load_settings", "read_dotenv"]
+           "Spec", "likely_setting", "load_settings", "read_dotenv"]
 
 log = Logger(observer=observer)
 
 
 class ConfigError(ValueError):
-    """A setting has a value we refuse to start with; the message is one line for the operator."""
+    """Settings we refuse to start with: one line for the operator per problem, all of them at once,
+    so a broken configuration is fixed in one round rather than one line per start."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
 #: ``--demo`` runs a simulated devnet-sized chain (8 slots per epoch, as Aztec devnet; committee 8)
@@ -50,7 +56,7 @@ def _line_of(binding: Binding) -> int:
 _BY_ENV = {spec.env: spec for spec in SPECS}
 
 
-def _likely_setting(key: str) -> Spec | None:
+def likely_setting(key: str) -> Spec | None:
     """The setting an unknown key was probably meant to be: a typo, the option's name
     (``BACKENDS`` for ``--backends``), or the right name in the wrong case."""
     for spec in SPECS:
@@ -86,7 +92,7 @@ def read_dotenv(path: str) -> dict[str, str]:
         if binding.key is None or binding.value is None:  # blank lines and comments
             continue
         values[binding.key] = binding.value
-        likely = None if binding.key in _BY_ENV else _likely_setting(binding.key)
+        likely = None if binding.key in _BY_ENV else likely_setting(binding.key)
         if likely is not None:
             log.warn("{path} line {line}: {key} is not a setting; did you mean {setting}?", path=path,
                      line=_line_of(binding), key=binding.key, setting=likely.env)
@@ -113,6 +119,10 @@ def load_settings(
     layers.append((environ, "environment"))
 
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    problems: list[str] = []
+    #: Settings that did not parse: reported once, not again by every rule that reads them.
+    failed: set[str] = set()
     for spec in SPECS:
         raw, origin = spec.default, "default"
         for layer, name in layers:
@@ -120,35 +130,55 @@ def load_settings(
                 raw, origin = layer[spec.env], name
         if cli.get(spec.field) is not None:
             raw, origin = cli[spec.field], "option"
+        origins[spec.field] = origin
+        values[spec.field] = None
         if raw is None:
-            values[spec.field] = None
             continue
         try:
             values[spec.field] = spec.parse(raw)
         except ValueError as exc:
-            where = f"--{spec.option}" if origin == "option" else f"{spec.env} ({origin})"
-            raise ConfigError(f"invalid {where}: {exc}") from None
+            problems.append(f"invalid {_where(spec, origin)}: {exc}")
+            failed.add(spec.field)
 
-    if values["backends"] is None:
+    if values["backends"] is None and "backends" not in failed:
         if not demo:
-            raise ConfigError(
+            problems.append(
                 "SENTINEL_BACKENDS is not set: give the Aztec node URLs, "
                 "e.g. --backends http://node1:8080,http://node2:8080 (or run with --demo)")
         values["backends"] = ()
-    if values["listen"] is None:
-        values["listen"] = f"tcp:{values['port']}"
-    if values["workers"] > 1:
-        listen = str(values["listen"])
-        parts = listen.split(":")
-        if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) == 0:
-            raise ConfigError(f"invalid WORKERS: {values['workers']} workers need a fixed TCP port to share, "
-                              f"not {listen!r}")
+    if values["listen"] is None and not failed & {"listen", "port"}:
+        values["listen"] = (f"tcp:{values['port']}",)
+    for description in values["listen"] or ():
+        try:
+            server_endpoint(None, description)  # parses (and loads TLS files); listens on nothing
+        except ValueError as exc:
+            problems.append(f"invalid {_where(SPECS_BY_FIELD['listen'], origins['listen'])}: {exc}")
+    if values["workers"] is not None and values["workers"] > 1:
+        for listen in values["listen"] or ():
+            parts = listen.split(":")
+            if parts[0] != "tcp" or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) == 0:
+                problems.append(f"invalid WORKERS: {values['workers']} workers need a fixed TCP port to share, "
+                                f"not {listen!r}")
         if values["rate_limit"] == "memory":
             # Each worker would keep its own buckets and allow the whole rate: N times the limit.
-            raise ConfigError(f"invalid RATE_LIMIT: memory counts per worker, so {values['workers']} workers "
-                              f"would allow {values['workers']}x the rate; use RATE_LIMIT=redis://HOST:6379 "
-                              f"with WORKERS > 1")
-    if values["protect_metrics"] and not values["admin_token"] and not values["metrics_token"]:
-        raise ConfigError("invalid PROTECT_METRICS: on, but neither ADMIN_TOKEN nor METRICS_TOKEN is set, so no "
-                          "scraper could read /metrics; set METRICS_TOKEN")
+            problems.append(f"invalid RATE_LIMIT: memory counts per worker, so {values['workers']} workers "
+                            f"would allow {values['workers']}x the rate; use RATE_LIMIT=redis://HOST:6379 "
+                            f"with WORKERS > 1")
+    if values["protect_metrics"] and not values["admin_token"] and not values["metrics_token"] \
+            and not failed & {"admin_token", "metrics_token"}:
+        problems.append("invalid PROTECT_METRICS: on, but neither ADMIN_TOKEN nor METRICS_TOKEN is set, so no "
+                        "scraper could read /metrics; set METRICS_TOKEN")
+    if values["tracing"] == "otlp":
+        from sentinel_proxy.ops.tracing import otlp_missing  # only when asked for: it imports opentelemetry
+
+        missing = otlp_missing()
+        if missing is not None:
+            problems.append(f"invalid TRACING: otlp needs the otel extra ({missing} is not installed): "
+                            "pip install 'sentinel-proxy[otel]'")
+    if problems:
+        raise ConfigError(*problems)
     return Settings(demo=demo, **values)
+
+
+def _where(spec: Spec, origin: str) -> str:
+    return f"--{spec.option}" if origin == "option" else f"{spec.env} ({origin})"

@@ -24,14 +24,12 @@ log = Logger(observer=observer)
 DEMO_SCENARIOS = ("archiver", "pruned", "missing-epochs", "lagging")
 
 
-def announce(port: IListeningPort) -> None:
-    """Once the gateway listens: where to look, and a first call to try."""
-    address = port.getHost()
-    if hasattr(address, "port"):
-        url = f"http://127.0.0.1:{address.port}"
-        log.info("demo: open {url}/health, or try: curl -s -H 'Content-Type: application/json' -d "
-                 "'[{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"node_getBlockNumber\",\"params\":[]}}]' "
-                 "{url}/", url=url)
+def announce(url: str) -> None:
+    """Once the gateway listens at ``url``: where to look, and a first call to try (``-k``: a demo's
+    TLS certificate is self-signed)."""
+    log.info("demo: open {url}/dashboard in a browser, or try: curl -s{insecure} -H 'Content-Type: application/json' "
+             "-d '[{{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"node_getBlockNumber\",\"params\":[]}}]' {url}/",
+             url=url, insecure="k" if url.startswith("https:") else "")
 
 
 def demo_chain(settings: Settings) -> ChainParams:

@@ -1,17 +1,18 @@
-"""Listening for callers: on a Twisted endpoint string, or, with ``--workers``, on a TCP port that
-several processes bind together (SO_REUSEPORT, which endpoint strings cannot ask for)."""
+"""Listening for callers: on Twisted endpoint strings (``tcp:``, ``ssl:`` for TLS, ``unix:``...), or,
+with ``--workers``, on TCP ports that several processes bind together (SO_REUSEPORT, which endpoint
+strings cannot ask for)."""
 from __future__ import annotations
 
 import ctypes
 import socket
 import struct
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +27,36 @@ log = Logger(observer=observer)
 _SO_ATTACH_FILTER = 26
 #: One instruction, ``ret #0``: keep no byte of any packet.
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """Twisted's own endpoint parser, whatever it raises turned into one ``ValueError`` line.
+
+    Parsing listens on nothing, and needs no reactor (it is only kept for listening), so the
+    configuration check passes ``None``. For ``ssl:`` Twisted loads the key and certificate while
+    parsing: a file that is missing or unreadable, one that is not PEM, or a key that does not match
+    its certificate fails here, not at the first handshake.
+    """
+    try:
+        return serverFromString(reactor, description)
+    except OSError as exc:
+        raise ValueError(f"{description!r}: cannot read {exc.filename}: {exc.strerror}") from None
+    except Exception as exc:  # endpoint plugins raise what they like: ValueError, TypeError, OpenSSL errors
+        raise ValueError(f"{description!r} is not a usable endpoint: {exc}") from None
+
+
+def base_url(description: str, address: IAddress) -> str | None:
+    """Where a browser on this host reaches a listener: loopback for a wildcard address; None when
+    it is not an IP listener (a UNIX socket)."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return None
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    scheme = "https" if description.split(":", 1)[0] == "ssl" else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def refuse_handshakes(port: Any) -> None:
@@ -50,43 +81,64 @@ def refuse_handshakes(port: Any) -> None:
 
 
 class ListeningService(Service):
-    """Listens while running; exposes the bound port so tests can listen on ``tcp:0``."""
+    """Listens on every endpoint while running; exposes the bound ports so tests can listen on
+    ``tcp:0``."""
 
-    def __init__(self, description: str, factory: IProtocolFactory, reactor: Any, reuse_port: bool = False,
-                 on_listening: Callable[[IListeningPort], None] | None = None):
-        self._description = description
+    def __init__(self, descriptions: Sequence[str], factory: IProtocolFactory, reactor: Any,
+                 reuse_port: bool = False, on_listening: Callable[[str], None] | None = None):
+        """``on_listening`` is given the base URL of each IP listener once it listens."""
+        self._descriptions = tuple(descriptions)
         self._factory = factory
         self._reactor = reactor
         self._reuse_port = reuse_port
         self._on_listening = on_listening
-        self.port: IListeningPort | None = None
+        self.ports: list[IListeningPort] = []
+
+    @property
+    def port(self) -> IListeningPort | None:
+        """The first listener's port, while listening."""
+        return self.ports[0] if self.ports else None
 
     def startService(self) -> None:
         super().startService()
+        for description in self._descriptions:
+            self._listen(description)
+
+    def _listen(self, description: str) -> None:
         if self._reuse_port:
-            interface, port = tcp_address(self._description)
+            interface, port = tcp_address(description)
             binding = makeBinding(interface, port, reuseAddress=True, reusePort=True)
             listening = defer.maybeDeferred(self._reactor.listenTCP, binding, self._factory)
         else:
-            listening = serverFromString(self._reactor, self._description).listen(self._factory)
+            try:
+                endpoint = server_endpoint(self._reactor, description)
+            except ValueError as exc:  # the configuration check already refuses these: a file changed since
+                raise SystemExit(f"sentinel-proxy: cannot listen on {exc}") from None
+            listening = endpoint.listen(self._factory)
         failures: list[Failure] = []
-        listening.addCallbacks(self._listening, failures.append)
-        if failures:  # TCP/UNIX endpoints fail synchronously: refuse to start rather than idle deaf
-            raise SystemExit(f"sentinel-proxy: cannot listen on {self._description}: {failures[0].value}")
+        listening.addCallbacks(lambda port: self._listening(description, port), failures.append)
+        if failures:  # TCP/SSL/UNIX endpoints fail synchronously: refuse to start rather than idle deaf
+            raise SystemExit(f"sentinel-proxy: cannot listen on {description}: {failures[0].value}")
 
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        log.info("sentinel-proxy listening on {address}", address=str(port.getHost()))
+    def _listening(self, description: str, port: IListeningPort) -> None:
+        self.ports.append(port)
+        url = base_url(description, port.getHost())
+        if url is None:
+            log.info("sentinel-proxy listening on {address}", address=str(port.getHost()))
+            return
+        log.info("sentinel-proxy listening on {address}: dashboard at {url}/dashboard", address=str(port.getHost()),
+                 url=url)
         if self._on_listening is not None:
-            self._on_listening(port)
+            self._on_listening(url)
 
-    def stopService(self) -> defer.Deferred[None] | None:
+    def stopService(self) -> defer.Deferred[Any] | None:
         """Stop listening, after taking the connections the kernel already accepted for us (closing
         the socket would reset them, requests and all); they are served as any other."""
         super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
+        ports, self.ports = self.ports, []
+        for port in ports:
             refuse_handshakes(port)
             accept_queued(port)
-            return defer.maybeDeferred(port.stopListening)
-        return None
+        if not ports:
+            return None
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True)

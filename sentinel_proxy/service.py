@@ -27,11 +27,13 @@ from sentinel_proxy.listening import ListeningService
 from sentinel_proxy.ops import logs
 from sentinel_proxy.ops.admin import Admin
 from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.ops.tracing import NO_TRACER, Tracer, make_tracer
 from sentinel_proxy.ops.workers import FollowerService, LeaderService, worker_number
 from sentinel_proxy.proxy.path import RequestPath
 from sentinel_proxy.proxy.values import Limits
 from sentinel_proxy.settings import Settings
 from sentinel_proxy.state.backends import Backend, BackendPool
+from sentinel_proxy.state.history import History, HistoryService
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.upstream.client import PooledAgent
 from sentinel_proxy.upstream.http11 import FastForwardingClient
@@ -62,8 +64,12 @@ class Gateway(MultiService):
     limiter: Any  # IRateLimiter | None
     access_log: logs.AccessLog
     forwarder: RequestPath
+    #: TRACING's tracer (ops/tracing.py): the no-op one when off.
+    tracer: Tracer
     health: HealthService
     integrity: IntegrityService
+    #: The dashboard's history sampler and timeline (state/history.py).
+    history: HistoryService
     demo: Any = None  # DemoNodesService | None
     site: GatewaySite
     server: LeanServerFactory
@@ -128,7 +134,8 @@ def build_service(settings: Settings, reactor: Any = None, cli: Mapping[str, str
                       handle_signals)
     gateway.pool = pool = BackendPool(settings.backends, max_block_lag=settings.max_block_lag)
     pool.set_breaker_policy(breaker_policy_of(settings))
-    gateway.metrics = metrics = Metrics(pool)
+    gateway.metrics = metrics = Metrics(pool, clock=reactor)
+    metrics.configure(settings)
     pool.on_breaker_change = partial(_breaker_changed, metrics)
     gateway.answers = AnswerMemory(settings.max_buffered_answers_mb * 1024 * 1024, reactor)
     gateway.upstream = upstream = make_upstream(settings, reactor, gateway.answers)
@@ -139,8 +146,14 @@ def build_service(settings: Settings, reactor: Any = None, cli: Mapping[str, str
             metrics.watch(label, store)
             ClosingService(store).setServiceParent(gateway)
     gateway.access_log = logs.AccessLog(sys.stdout, settings.log_format == "json")
+    gateway.tracer = make_tracer(settings.tracing, reactor)
+    ClosingService(gateway.tracer).setServiceParent(gateway)  # the last spans go out once requests are done
     gateway.forwarder = make_forwarder(settings, pool, upstream, metrics, reactor, gateway.access_log,
-                                       gateway.cache, gateway.limiter, gateway.answers)
+                                       gateway.cache, gateway.limiter, gateway.answers, gateway.tracer)
+    history = History(pool, gateway.forwarder.totals, reactor)
+    pool.on_transition = history.timeline.record
+    gateway.history = HistoryService(history, reactor)
+    gateway.history.setServiceParent(gateway)
     flusher = TimerService(logs.AccessLog.FLUSH_INTERVAL, gateway.access_log.flush)
     flusher.clock = reactor
     flusher.setServiceParent(gateway)
@@ -173,12 +186,12 @@ def make_upstream(settings: Settings, reactor: Any, answers: AnswerMemory) -> IF
 
 
 def make_forwarder(settings: Settings, pool: BackendPool, upstream: IForwardingClient, metrics: Metrics, reactor: Any,
-                   access_log: logs.AccessLog, cache: Any, limiter: Any, answers: AnswerMemory | None = None
-                   ) -> RequestPath:
+                   access_log: logs.AccessLog, cache: Any, limiter: Any, answers: AnswerMemory | None = None,
+                   tracer: Tracer = NO_TRACER) -> RequestPath:
     return RequestPath(pool, upstream, metrics, reactor, limits_of(settings), access_log_of(settings, access_log), cache,
                        settings.cache_volatile_ttl_ms / 1000.0, limiter,
                        worker=str(worker_number()) if settings.workers > 1 else None,
-                       answer_bytes=None if answers is None else answers.over_cap)
+                       answer_bytes=None if answers is None else answers.over_cap, tracer=tracer)
 
 
 def make_checks(settings: Settings, pool: BackendPool, agent: PooledAgent, metrics: Metrics,
@@ -238,7 +251,7 @@ def make_web(gateway: Gateway, reactor: Any) -> tuple[GatewaySite, LeanServerFac
     admin = Admin(gateway.pool, (gateway.health, gateway.integrity), settings, lambda: gateway.forwarder.in_flight,
                   gateway.workers)
     app = GatewayApp(gateway.pool, gateway.metrics, gateway.forwarder.totals, reactor, admin, access,
-                     lambda: gateway.draining)
+                     lambda: gateway.draining, gateway.history.history)
     root = RpcResource(gateway.forwarder, access, app.resource())
     idle = gateway.settings.client_idle_timeout_ms / 1000.0
     site = make_site(root, gateway.settings.max_body_bytes, idle, gateway.metrics, reactor)
@@ -273,6 +286,7 @@ def reconfigure(gateway: Gateway, settings: Settings) -> None:
     gateway.health.configure(settings.health_check_interval_ms / 1000.0, settings.health_check_timeout_ms / 1000.0)
     gateway.integrity.configure(settings.integrity_check_interval_ms / 1000.0, settings.request_timeout,
                                 integrity_params(settings))
+    gateway.metrics.configure(settings)
 
 
 def _breaker_changed(metrics: Metrics, backend: Backend, state: str, workers: Any = None) -> None:

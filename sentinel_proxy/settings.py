@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 UPSTREAM_CLIENTS = ("fast", "treq")
+TRACING_EXPORTS = ("off", "otlp")
 MAX_WORKERS = 64
 
 
@@ -99,6 +100,13 @@ def _upstream_client(raw: str) -> str:
     text = raw.strip().lower()
     if text not in UPSTREAM_CLIENTS:
         raise ValueError(f"{raw!r} is not one of {', '.join(UPSTREAM_CLIENTS)}")
+    return text
+
+
+def _tracing(raw: str) -> str:
+    text = raw.strip().lower()
+    if text not in TRACING_EXPORTS:
+        raise ValueError(f"{raw!r} is not one of {', '.join(TRACING_EXPORTS)}")
     return text
 
 
@@ -227,11 +235,20 @@ def _backends(raw: str) -> tuple[tuple[str, str], ...]:
     return entries
 
 
-def _endpoint(raw: str) -> str:
-    text = raw.strip()
-    if ":" not in text:
-        raise ValueError(f"{raw!r} is not a Twisted endpoint string such as tcp:8080")
-    return text
+def _endpoints(raw: str) -> tuple[str, ...]:
+    """Twisted endpoint strings separated by whitespace: they contain ``:`` and may contain ``,``
+    (a TLS cipher list), never a blank. Only their shape is checked here; whether Twisted can
+    build each one (and load its TLS files) is checked with the whole configuration."""
+    descriptions = tuple(raw.split())
+    if not descriptions:
+        raise ValueError("no endpoint given")
+    for description in descriptions:
+        if ":" not in description:
+            raise ValueError(f"{description!r} is not a Twisted endpoint string such as tcp:8080")
+    duplicates = sorted({d for d in descriptions if descriptions.count(d) > 1})
+    if duplicates:
+        raise ValueError(f"{duplicates[0]!r} is listed twice")
+    return descriptions
 
 
 @dataclass(frozen=True)
@@ -242,8 +259,9 @@ class Settings:
     """
 
     port: int = setting("PROXY_PORT", "8080", _integer(0, 65535), help="listen port")
-    listen: str = setting("PROXY_LISTEN", None, _endpoint,
-        help="Twisted endpoint string to listen on (default tcp:$PROXY_PORT)")
+    listen: tuple[str, ...] = setting("PROXY_LISTEN", None, _endpoints,
+        help="Twisted endpoint strings to listen on, separated by spaces (--listen: once per endpoint), "
+             "e.g. tcp:8080 or ssl:8443:privateKey=key.pem:certKey=cert.pem (default tcp:$PROXY_PORT)")
     workers: int = setting("WORKERS", "1", _workers,
         help="processes serving the port together (SO_REUSEPORT), 1 to 64, or auto: one per core (recommended "
              "in production); the first runs the checks for all")
@@ -373,6 +391,11 @@ class Settings:
     upstream_client: str = setting("UPSTREAM_CLIENT", "fast", _upstream_client,
         help="the forwarding client: fast (the gateway's own HTTP/1.1 client, answers passed through byte for "
              "byte) or treq (treq's HTTPClient, for measurement only: it gunzips answers)")
+
+    tracing: str = setting("TRACING", "off", _tracing,
+        help="OpenTelemetry export of one span per request and per upstream attempt: off, or otlp (to "
+             "OTEL_EXPORTER_OTLP_ENDPOINT; needs the otel extra: pip install 'sentinel-proxy[otel]'); "
+             "W3C traceparent is passed to nodes either way")
 
     #: ``--demo``: a flag of ``twistd sentinel-proxy`` only, not a variable; takes a restart.
     demo: bool = False

@@ -1,37 +1,28 @@
 """``twistd sentinel-proxy``: its options, and the service they configure.
 
-Each option is checked by its setting's own parser as it is parsed, and the whole configuration
-(options, environment, ``.env``) in ``postOptions``, so a bad value stops ``twistd`` with one line
-on stderr and a non-zero exit, never a traceback. The gateway itself is built by
+The options are kept as text and the whole configuration (options, environment, ``.env``) is
+checked in ``postOptions`` by :func:`~sentinel_proxy.config.load_settings`, so every bad value
+stops ``twistd`` at once, one line per problem on stderr and a non-zero exit, never a traceback;
+``sentinel-proxy check-config`` runs the same check. The gateway itself is built by
 :func:`sentinel_proxy.service.build_service`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from sentinel_proxy.config import SPECS, ConfigError, Settings, Spec, load_settings
+from sentinel_proxy.config import SPECS, SPECS_BY_FIELD, ConfigError, Settings, Spec, load_settings
 from sentinel_proxy.ops.descriptors import ensure_open_files
 from sentinel_proxy.service import build_service
 
 
-def _checked(spec: Spec) -> Callable[[str], str]:
-    """The option's coercer. It keeps the text: ``load_settings`` merges the options with the other
-    sources as text, and merges them again on every reload."""
-    def check(raw: str) -> str:
-        try:
-            spec.parse(raw)
-        except ValueError as exc:  # usage would wrap a ValueError in "Parameter type enforcement failed"
-            raise usage.UsageError(f"invalid --{spec.option}: {exc}") from None
-        return raw
-
-    return check
-
-
 def _help(spec: Spec) -> str:
     return f"{spec.help} [{spec.env}" + (f", default {spec.default}]" if spec.default is not None else "]")
+
+
+_LISTEN = SPECS_BY_FIELD["listen"]
 
 
 class Options(usage.Options):
@@ -40,18 +31,30 @@ class Options(usage.Options):
                 "environment variable named in its help, or in a .env file in the working directory; "
                 "the option wins.")
     optFlags = [["demo", None, "run four simulated Aztec nodes in this process and proxy to them"]]
-    optParameters = [[spec.option, None, None, _help(spec), _checked(spec)] for spec in SPECS]
+    #: Text, not coerced: ``load_settings`` merges the options with the other sources as text (and
+    #: again on every reload), and judges them all at once.
+    optParameters = [[spec.option, None, None, _help(spec)] for spec in SPECS if spec is not _LISTEN]
 
     #: The configuration of every source, set once the options are parsed.
     settings: Settings
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: Every --listen, in order: each one adds a listener, as with ``twistd web``.
+        self.listen: list[str] = []
+
+    def opt_listen(self, description: str) -> None:
+        self.listen.append(description)
+
+    opt_listen.__doc__ = _help(_LISTEN)
+
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """A configuration error ends the process with its one line on stderr: twistd itself
-        would print the whole ``--help`` (sixty options) to stdout first, burying it."""
+        """A configuration error ends the process with one line per problem on stderr: twistd itself
+        would print the whole ``--help`` (sixty options) to stdout first, burying them."""
         try:
             super().parseOptions(options)
         except usage.UsageError as exc:
-            raise SystemExit(f"sentinel-proxy: {exc}") from None
+            raise SystemExit("\n".join(f"sentinel-proxy: {line}" for line in str(exc).splitlines())) from None
 
     def postOptions(self) -> None:
         try:
@@ -60,7 +63,9 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
 
     def cli_values(self) -> dict[str, str | None]:
-        return {spec.field: self[spec.option] for spec in SPECS}
+        """The options as text, field by field; the --listen endpoints joined as PROXY_LISTEN joins them."""
+        return {spec.field: (" ".join(self.listen) or None) if spec is _LISTEN else self[spec.option]
+                for spec in SPECS}
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -60,3 +60,14 @@ def unhandled():
     gc.collect()
     globalLogPublisher.removeObserver(observe)
     assert not logged, [event.get("log_format") for event in logged]
+
+
+@pytest.fixture
+def logged():
+    """Every event of the global log publisher while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -17,7 +17,7 @@ def test_prototype_defaults():
     assert (s.integrity_check_interval_ms, s.integrity_check_epochs, s.integrity_score_threshold) == (60000, 10, 95)
     assert (s.slots_per_epoch, s.expected_validators, s.archiver_threshold_epochs) == (32, 24, 100)
     assert s.backends == (("", "http://a:8080"), ("", "http://b:8080"))
-    assert s.listen == "tcp:8080"
+    assert s.listen == ("tcp:8080",)
     assert (s.max_batch_size, s.max_body_bytes) == (100, 1048576)
 
 
@@ -36,11 +36,11 @@ def test_precedence_option_over_environment_over_dotenv(tmp_path):
     dotenv.write_text("PROXY_PORT=7000\nLOG_LEVEL=debug\nREQUEST_TIMEOUT_MS=5\n")
     s = load(cli={"port": "9000"}, env={"PROXY_PORT": "8000", "LOG_LEVEL": "warn"}, dotenv=str(dotenv))
     assert (s.port, s.log_level, s.request_timeout_ms) == (9000, "warn", 5)
-    assert s.listen == "tcp:9000"
+    assert s.listen == ("tcp:9000",)
 
 
 def test_listen_endpoint_wins_over_port():
-    assert load(cli={"listen": "tcp:0:interface=127.0.0.1", "port": "1"}).listen == "tcp:0:interface=127.0.0.1"
+    assert load(cli={"listen": "tcp:0:interface=127.0.0.1", "port": "1"}).listen == ("tcp:0:interface=127.0.0.1",)
 
 
 @pytest.mark.parametrize("env, fragment", [

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 
 from sentinel_proxy import lifecycle
 from sentinel_proxy.config import ConfigError, load_settings
@@ -15,20 +14,12 @@ OLD_TOKEN = "old-admin-token-0123456789"
 NEW_TOKEN = "new-admin-token-9876543210"
 
 
-@pytest.fixture
-def events():
-    captured: list[dict] = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
-
-
 def settings(**cli: str):
     return load_settings(cli={"backends": "http://u:secret-pw@a:1", "admin_token": OLD_TOKEN, **cli}, environ={},
                          dotenv_path=None)
 
 
-def test_reload_applies_what_may_change_live_and_keeps_the_rest(events):
+def test_reload_applies_what_may_change_live_and_keeps_the_rest(logged):
     running = settings()
     loaded = settings(admin_token=NEW_TOKEN, log_level="debug", port="9999", backends="http://u:new-pw@a:1")
     applied: list = []
@@ -36,14 +27,14 @@ def test_reload_applies_what_may_change_live_and_keeps_the_rest(events):
     assert applied == [now]
     assert (now.admin_token, now.log_level, now.backends) == (NEW_TOKEN, "debug", loaded.backends)
     assert now.port == running.port, "the listening port takes a restart"
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "sentinel_proxy.lifecycle"]
+    lines = [formatEvent(e) for e in logged if e.get("log_namespace") == "sentinel_proxy.lifecycle"]
     text = "\n".join(lines)
     assert "reload: port changed but takes a restart; keeping 8080" in text
     assert "reload: admin_token *** -> ***" in text and "reload: log_level info -> debug" in text
     assert not any(secret in text for secret in (OLD_TOKEN, NEW_TOKEN, "secret-pw", "new-pw"))
 
 
-def test_reload_refuses_a_bad_configuration_as_a_whole(events):
+def test_reload_refuses_a_bad_configuration_as_a_whole(logged):
     running = settings()
 
     def load():
@@ -51,13 +42,13 @@ def test_reload_refuses_a_bad_configuration_as_a_whole(events):
 
     applied: list = []
     assert lifecycle.reload(running, load, applied.append) is running and applied == []
-    refused = [e for e in events if e.get("log_level") == LogLevel.error]
+    refused = [e for e in logged if e.get("log_level") == LogLevel.error]
     assert [formatEvent(e) for e in refused] == [
         "reload refused, keeping the running configuration: invalid REQUEST_TIMEOUT_MS (.env): 'abc' is not a "
         "whole number"]
 
 
-def test_reload_without_a_change_applies_nothing(events):
+def test_reload_without_a_change_applies_nothing(logged):
     running = settings()
     applied: list = []
     assert lifecycle.reload(running, lambda: replace(running), applied.append) is running and applied == []
@@ -96,7 +87,7 @@ class Connections:
         self._order.append(f"close connections within {timeout:.1f} s")
 
 
-def test_drain_says_close_keeps_listening_for_the_delay_then_waits_then_stops_the_rest(events):
+def test_drain_says_close_keeps_listening_for_the_delay_then_waits_then_stops_the_rest(logged):
     clock, order, requests = task.Clock(), [], Requests()
     others = [Recorder("checks", order), Recorder("pool", order)]
     for service in others:
@@ -115,7 +106,7 @@ def test_drain_says_close_keeps_listening_for_the_delay_then_waits_then_stops_th
     assert draining.called
 
 
-def test_drain_gives_up_on_requests_after_the_grace(events):
+def test_drain_gives_up_on_requests_after_the_grace(logged):
     clock, order, requests = task.Clock(), [], Requests()
     draining = defer.Deferred.fromCoroutine(lifecycle.drain(clock, 0.0, 3.0, Recorder("listener", order), requests,
                                                             Connections(order), []))
@@ -124,7 +115,7 @@ def test_drain_gives_up_on_requests_after_the_grace(events):
     clock.advance(0.1)
     assert draining.called and order == ["answers say close", "stop listener", "settle within 0.0 s",
                                          "close connections within 0.5 s"]
-    assert "1 requests still in flight after 3.0 s; stopping anyway" in [formatEvent(e) for e in events]
+    assert "1 requests still in flight after 3.0 s; stopping anyway" in [formatEvent(e) for e in logged]
 
 
 def test_closing_service_closes_its_resource_on_stop():

@@ -7,7 +7,7 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from sentinel_proxy.ops.logs import AccessLog, JsonLinesObserver, escaped
 from tests.stages_support import answer, result, rig, rpc, settled
@@ -22,16 +22,8 @@ HOSTILE = ["node_x\n2026-01-01T00:00:00+0000 [sentinel_proxy.access#info] forged
 
 def write(log: AccessLog, methods: str = "node_getBlockNumber", request_id: str = "rid", client: str = "127.0.0.1",
           refused: str = "") -> None:
-    log.write(1000.0, request_id, client, "/", methods, 1, "n0:1", 200, "ok", 1.5, 1, refused)
-
-
-@pytest.fixture
-def logged():
-    """Events of the global log publisher while the test runs."""
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
+    log.write(1000.0, request_id, client, "/", (methods,), "n0:1", 200, "ok", 1.5, 1, (refused,) if refused else (),
+              "miss", 1.25, 80, 120)
 
 
 @pytest.mark.parametrize("hostile", HOSTILE, ids=range(len(HOSTILE)))
@@ -54,7 +46,8 @@ def test_a_json_line_escapes_what_callers_send_and_keeps_it(hostile):
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].isascii()
     record = json.loads(lines[0])
-    assert (record["methods"], record["request_id"], record["refused"]) == (hostile, hostile, hostile)
+    kept = hostile if len(hostile) <= 64 else hostile[:64] + "..."  # names are bounded, ids are not cut
+    assert (record["methods"], record["request_id"], record["refused"]) == ([kept], hostile, [kept])
 
 
 def test_escaping_costs_nothing_for_printable_text_and_bounds_the_rest():
@@ -69,7 +62,8 @@ def test_a_stream_that_cannot_encode_gets_escapes_not_an_error():
     log = AccessLog(stream, json_lines=False)
     write(log, methods="node_café")
     log.flush()
-    assert raw.getvalue().endswith(b"node_caf\\xe9 -> n0:1 200 ok 1.5ms attempts=1\n")
+    assert raw.getvalue().endswith(b"node_caf\\xe9 -> n0:1 200 ok 1.5ms attempts=1 cache=miss upstream=1.2ms "
+                                   b"in=80 out=120\n")
 
 
 class Failing(io.StringIO):
@@ -113,12 +107,14 @@ def test_refused_batch_items_appear_in_the_line_escaped_and_bounded():
              {"jsonrpc": "2.0", "id": 3}, rpc("x" * 5000, id_=4)]
     assert settled(gateway.handle(batch)).status == 200
     (line,) = gateway.lines()
-    assert line["methods"] == "node_getBlockNumber"
-    assert line["refused"] == "nodeAdmin_x\nforged,eth_call,?,+1" and "refused=nodeAdmin_x" in line["message"]
+    assert line["methods"] == ["node_getBlockNumber"]
+    assert line["refused"] == ["nodeAdmin_x\nforged", "eth_call", "?", "x" * 64 + "..."]
+    assert line["refused_calls"] == 4 and "refused=nodeAdmin_x\nforged,eth_call,?,+1" in line["message"]
     everything_refused = [rpc("nodeAdmin_" + "y" * 5000, id_=i) for i in range(100)]
     assert settled(gateway.handle(everything_refused)).status == 200
     line = gateway.lines()[-1]
-    assert line["refused"].endswith(",+97") and len(line["refused"]) < 300
+    assert len(line["refused"]) == 10 and all(len(name) == 67 for name in line["refused"])
+    assert line["refused_calls"] == 100 and line["message"].endswith(",+97")
 
 
 def test_the_json_observer_keeps_every_event_on_one_line():

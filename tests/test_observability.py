@@ -70,13 +70,13 @@ async def test_metrics_after_real_traffic(cluster):
     assert value(text, "sentinel_proxy_upstream_attempts_total", backend=node.url, result="ok") == 2
     assert value(text, "sentinel_proxy_check_duration_seconds_count", check="health", backend=node.url) >= 1
     assert value(text, "sentinel_proxy_check_duration_seconds_count", check="integrity", backend=node.url) >= 1
-    assert value(text, "sentinel_proxy_backend_lag_blocks", url=node.url) == 0
-    assert value(text, "sentinel_proxy_backend_oldest_block", url=node.url) > 1
-    assert value(text, "sentinel_proxy_backend_integrity_status", url=node.url, status="perfect") == 1
-    assert value(text, "sentinel_proxy_backend_integrity_status", url=node.url, status="bad") == 0
-    assert value(text, "sentinel_proxy_backend_node_type", url=node.url, type="pruned") == 1
-    assert value(text, "sentinel_proxy_backend_routing", url=node.url, state="preferred") == 1
-    assert value(text, "sentinel_proxy_backend_quarantined", url=node.url, reason="lag") == 0
+    assert value(text, "sentinel_proxy_backend_lag_blocks", backend=node.url) == 0
+    assert value(text, "sentinel_proxy_backend_oldest_block", backend=node.url) > 1
+    assert value(text, "sentinel_proxy_backend_integrity_status", backend=node.url, status="perfect") == 1
+    assert value(text, "sentinel_proxy_backend_integrity_status", backend=node.url, status="bad") == 0
+    assert value(text, "sentinel_proxy_backend_node_type", backend=node.url, type="pruned") == 1
+    assert value(text, "sentinel_proxy_backend_routing", backend=node.url, state="preferred") == 1
+    assert value(text, "sentinel_proxy_backend_quarantined", backend=node.url, reason="lag") == 0
 
 
 @ensure
@@ -184,7 +184,7 @@ def test_json_logs_from_the_daemon_follow_a_request_by_its_id(tmp_path):
         record = json.loads(line)
         assert record["namespace"] == "sentinel_proxy.access"
         assert record["backend"] == backend and record["status"] == 200 and record["route"] == "/"
-        assert record["methods"] == "node_getBlockNumber" and record["attempts"] == 1
+        assert record["methods"] == ["node_getBlockNumber"] and record["attempts"] == 1
         assert record["client"] == "127.0.0.1" and record["outcome"] == "ok"
         status, _ = fetch(base + "/health")
         assert status == 200
@@ -192,6 +192,55 @@ def test_json_logs_from_the_daemon_follow_a_request_by_its_id(tmp_path):
         daemon.stop()
     lines = [line for line in daemon.lines if line.strip()]
     assert lines and all(json.loads(line) for line in lines), "every line of a JSON log must parse"
+    warned = [record for record in map(json.loads, lines) if record["level"] not in ("debug", "info")]
+    assert not warned, "a normal start warns of nothing (the demo's lagging node is an info)"
+    assert any(r.get("transition") == "quarantined" and r["backend"] == "demo-lagging" for r in map(json.loads, lines))
+
+
+def test_an_uncaught_exception_is_one_json_record_with_its_traceback():
+    from twisted.logger import globalLogPublisher
+
+    stream = io.StringIO()
+    observer = logs.JsonLinesObserver(stream)
+    globalLogPublisher.addObserver(observer)
+    try:
+        try:
+            raise RuntimeError("boom at start")
+        except RuntimeError as exc:
+            logs.log_uncaught(RuntimeError, exc, exc.__traceback__)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "critical" and record["exception"] == "RuntimeError('boom at start')"
+    assert record["traceback"].startswith("Traceback") and "RuntimeError: boom at start" in record["traceback"]
+
+
+@pytest.mark.slow
+def test_a_start_up_traceback_under_twistd_is_one_json_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.processes import CLEAN_ENV, ROOT
+
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys\n"
+        "from sentinel_proxy import service\n"
+        "def boom(self):\n"
+        "    raise RuntimeError('boom at start')\n"
+        "service.Gateway.startService = boom\n"
+        "from twisted.scripts.twistd import run\n"
+        "sys.argv = ['twistd', '-n', '--pidfile=', 'sentinel-proxy', '--listen', 'tcp:0:interface=127.0.0.1',\n"
+        "            '--backends', 'http://127.0.0.1:9', '--log-format', 'json']\n"
+        "run()\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**CLEAN_ENV, "PYTHONPATH": str(ROOT)})
+    assert done.returncode != 0
+    records = [json.loads(line) for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    failures = [r for r in records if "traceback" in r]
+    assert len(failures) == 1 and "RuntimeError: boom at start" in failures[0]["traceback"]
+    assert not [r for r in records if r["namespace"] == "stderr"], "no record per line of a traceback"
 
 
 @ensure

@@ -42,7 +42,7 @@ def test_demo_serves_the_fleet_and_stops_cleanly(tmp_path):
     try:
         port = daemon.wait_for_line(r"listening on IPv4Address\(type='TCP', host='127\.0\.0\.1', port=(\d+)\)").group(1)
         base = f"http://127.0.0.1:{port}"
-        daemon.wait_for_line(r"demo: open http://127\.0\.0\.1:\d+/health")
+        daemon.wait_for_line(r"demo: open http://127\.0\.0\.1:\d+/dashboard")
 
         def typed_nodes():
             health = json.loads(fetch(base + "/health")[1])

@@ -277,7 +277,7 @@ async def test_fault_matrix_no_caller_sees_a_node_failure(cluster, fault):
             await wait_for(lambda: backend.breaker.state == "open", timeout=10.0,
                            what="the bad node's breaker to open")
             opened_after = reactor.seconds() - injected_at
-            gauge = sample(service, "sentinel_proxy_backend_breaker_state", url=backend.label, state="open")
+            gauge = sample(service, "sentinel_proxy_backend_breaker_state", backend=backend.label, state="open")
             # The fault lasts a few cool-downs, so that half-open probes meet the failing node too
             # (each failed probe re-opens the breaker; the move to half-open itself is not logged).
             await wait_for(lambda: breakers.states(backend.name).count("open") >= 3, timeout=10.0,
@@ -324,7 +324,7 @@ async def test_fault_matrix_no_caller_sees_a_node_failure(cluster, fault):
     assert bad.node.calls["node_getBlockNumber"] + bad.node.calls["node_getL2Tips"] >= reads_at_recovery + 20
     # Metrics tell the story too.
     assert gauge == 1.0
-    assert sample(service, "sentinel_proxy_backend_breaker_state", url=backend.label, state="closed") == 1.0
+    assert sample(service, "sentinel_proxy_backend_breaker_state", backend=backend.label, state="closed") == 1.0
     transitions = {state: sample(service, "sentinel_proxy_breaker_transitions_total", backend=backend.label,
                                  state=state) for state in ("open", "closed")}
     assert transitions == {"open": probes + 1, "closed": 1}, transitions

@@ -5,9 +5,9 @@ import json
 from twisted.internet import task
 
 from sentinel_proxy.core import jsonrpc
-from sentinel_proxy.ops.logs import AccessLog
+from sentinel_proxy.ops.logs import AccessLog, methods_summary
 from sentinel_proxy.ops.metrics import Metrics
-from sentinel_proxy.proxy.telemetry import Telemetry, methods_summary, response_headers
+from sentinel_proxy.proxy.telemetry import Telemetry, response_headers
 from sentinel_proxy.proxy.values import JSON_HEADERS, Caller, Inbound, Limits, Reply, error_reply
 from sentinel_proxy.upstream.response import UpstreamError
 
@@ -38,10 +38,11 @@ def test_finish_counts_logs_and_adds_the_headers():
     metrics = Metrics(pool)
     stream = io.StringIO()
     telemetry = Telemetry(metrics, clock, AccessLog(stream, json_lines=True))
-    inbound = Inbound("/archiver", b"", {}, False, Caller("rid-9", "10.1.2.3"))
+    inbound = Inbound("/archiver", b"[1,2]", {}, False, Caller("rid-9", "10.1.2.3"))
     started = clock.seconds()
     clock.advance(0.25)
-    reply = Reply(200, b"[]", JSON_HEADERS, pool.backends[0], "ok", 2, ("node_getBlock", "node_getBlockNumber"), 2)
+    reply = Reply(200, b"[]", JSON_HEADERS, pool.backends[0], "ok", 2, ("node_getBlock", "node_getBlockNumber"), 2,
+                  cache="partial", upstream_ms=12.3456)
     final = telemetry.finish(inbound, reply, started)
     assert final.headers[:2] == JSON_HEADERS and (b"x-request-id", b"rid-9") in final.headers
     assert (final.status, final.body, final.backend) == (200, b"[]", pool.backends[0])
@@ -49,15 +50,19 @@ def test_finish_counts_logs_and_adds_the_headers():
     telemetry.access_log.flush()
     line = json.loads(stream.getvalue())
     assert {k: line[k] for k in ("request_id", "client", "route", "methods", "calls", "backend", "status", "outcome",
-                                 "duration_ms", "attempts")} == {
-        "request_id": "rid-9", "client": "10.1.2.3", "route": "/archiver", "methods": "node_getBlock,node_getBlockNumber",
-        "calls": 2, "backend": "n0:1", "status": 200, "outcome": "ok", "duration_ms": 250.0, "attempts": 2}
+                                 "duration_ms", "attempts", "cache", "upstream_ms", "bytes_in", "bytes_out")} == {
+        "request_id": "rid-9", "client": "10.1.2.3", "route": "/archiver",
+        "methods": ["node_getBlock", "node_getBlockNumber"], "calls": 2, "backend": "n0:1", "status": 200,
+        "outcome": "ok", "duration_ms": 250.0, "attempts": 2, "cache": "partial", "upstream_ms": 12.346,
+        "bytes_in": 5, "bytes_out": 2}
+    assert "attempts=2 cache=partial upstream=12.3ms in=5 out=2" in line["message"]
     assert sample(metrics, "sentinel_proxy_rpc_requests_total", route="/archiver", outcome="ok") == 1.0
     assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="200", backend="n0:1") == 1.0
     assert sample(metrics, "sentinel_proxy_rpc_calls_total", method="node_getBlock", route="/archiver") == 1.0
     assert sample(metrics, "sentinel_proxy_batch_size_count") == 1.0
     telemetry.finish(inbound, error_reply(400, jsonrpc.PARSE_ERROR, "bad"), started)
     assert (telemetry.totals.requests, telemetry.totals.errors) == (2, 1)
+    assert (telemetry.totals.caller_errors, telemetry.totals.node_errors) == (1, 0)
     assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="400", backend="none") == 1.0
 
 
@@ -80,7 +85,7 @@ def test_every_reply_of_the_path_carries_the_headers_and_a_log_line():
     first, second = gateway.lines()
     assert (first["request_id"], first["backend"], first["attempts"], first["outcome"]) == ("rid-1", "n1:1", 2, "ok")
     assert (second["request_id"], second["backend"], second["status"], second["outcome"], second["methods"]) == \
-        ("rid-2", "-", 400, "rejected", "-")
+        ("rid-2", "-", 400, "rejected", [])
     assert gateway.path.totals.requests == 2 and gateway.path.totals.errors == 1
 
 

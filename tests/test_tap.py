@@ -24,15 +24,47 @@ def refusal(args: list[str]) -> str:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--port", "x"], "sentinel-proxy: invalid --port: 'x' is not a whole number"),
+    (["--backends", "http://a:1", "--port", "x"], "sentinel-proxy: invalid --port: 'x' is not a whole number"),
     (["--backends", "http://a:1", "--port", "70000"], "sentinel-proxy: invalid --port: '70000' is above the maximum"),
-    (["--log-level", "loud"], "sentinel-proxy: invalid --log-level: 'loud' is not one of"),
+    (["--demo", "--log-level", "loud"], "sentinel-proxy: invalid --log-level: 'loud' is not one of"),
     (["--backends", "ftp://x"], "sentinel-proxy: invalid --backends: 'ftp://x' is not an http"),
-    (["--admin-token", "short"], "sentinel-proxy: invalid --admin-token: is shorter than 16 characters"),
+    (["--demo", "--admin-token", "short"], "sentinel-proxy: invalid --admin-token: is shorter than 16 characters"),
     (["--bogus"], "sentinel-proxy: option --bogus not recognized"),
+    (["--demo", "--listen", "tcp:http"], "sentinel-proxy: invalid --listen: 'tcp:http' is not a usable endpoint: "),
+    (["--demo", "--listen", "carrier-pigeon:1"], "sentinel-proxy: invalid --listen: 'carrier-pigeon:1' is not a usable "
+                                                 "endpoint: Unknown endpoint type: 'carrier-pigeon'"),
+    (["--demo", "--listen", "ssl:0:privateKey=absent.pem"], "sentinel-proxy: invalid --listen: "
+                                                            "'ssl:0:privateKey=absent.pem': cannot read /"),
 ])
-def test_a_bad_option_is_refused_in_one_line_as_it_is_parsed(workdir, args, message):
+def test_a_bad_option_is_refused_in_one_line(workdir, args, message):
     assert refusal(args).startswith(message)
+
+
+def test_every_problem_is_one_line_and_all_come_at_once(workdir):
+    (workdir / ".env").write_text("MAX_ATTEMPTS=0\n")
+    with pytest.raises(SystemExit) as caught:
+        Options().parseOptions(["--port", "x", "--listen", "tcp:0", "--listen", "bogus:1", "--workers", "2"])
+    assert str(caught.value.code).splitlines() == [
+        "sentinel-proxy: invalid --port: 'x' is not a whole number",
+        "sentinel-proxy: invalid MAX_ATTEMPTS (.env): '0' is below the minimum of 1",
+        "sentinel-proxy: SENTINEL_BACKENDS is not set: give the Aztec node URLs, e.g. --backends "
+        "http://node1:8080,http://node2:8080 (or run with --demo)",
+        "sentinel-proxy: invalid --listen: 'bogus:1' is not a usable endpoint: Unknown endpoint type: 'bogus'",
+        "sentinel-proxy: invalid WORKERS: 2 workers need a fixed TCP port to share, not 'tcp:0'",
+        "sentinel-proxy: invalid WORKERS: 2 workers need a fixed TCP port to share, not 'bogus:1'",
+    ]
+
+
+def test_listen_given_several_times_adds_listeners(workdir, monkeypatch):
+    options = Options()
+    options.parseOptions(["--demo", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "unix:gateway.sock"])
+    assert options.settings.listen == ("tcp:0:interface=127.0.0.1", "unix:gateway.sock")
+    monkeypatch.setenv("PROXY_LISTEN", " tcp:7001\n\tssl:7002:privateKey=k.pem:certKey=c.pem:"
+                                       "sslmethod=TLS_METHOD tcp:7003 ")
+    (workdir / "k.pem").write_text("")
+    with pytest.raises(SystemExit, match=r"'ssl:7002:privateKey=k.pem:certKey=c.pem:sslmethod=TLS_METHOD': "
+                                         r"cannot read /\S+/c.pem: No such file or directory"):
+        Options().parseOptions(["--demo"])
 
 
 def test_the_whole_configuration_is_checked_after_parsing(workdir):
@@ -71,6 +103,6 @@ def test_make_service_builds_the_gateway(workdir):
 def test_twistd_refuses_a_bad_option_in_one_line(tmp_path):
     from tests.processes import run_twistd
 
-    result = run_twistd(["sentinel-proxy", "--port", "x"], tmp_path)
+    result = run_twistd(["sentinel-proxy", "--demo", "--port", "x"], tmp_path)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "sentinel-proxy: invalid --port: 'x' is not a whole number\n"

@@ -8,11 +8,15 @@ import time
 import urllib.error
 import urllib.request
 
+from types import SimpleNamespace
+
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import task
 
+from sentinel_proxy import __version__
 from sentinel_proxy.core.scoring import BreakerPolicy
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.ops.workers import FollowerLink, LeaderLink
@@ -72,7 +76,8 @@ def test_every_scrape_shows_every_workers_counts(tmp_path):
     assert total(seen, "sentinel_proxy_in_flight_requests") == 3
     assert total(seen, "sentinel_proxy_cache_hits_total") == 9 and total(seen, "sentinel_proxy_cache_bytes") == 100
     assert total(seen, "sentinel_proxy_backend_health") == 2, "the node gauges: this worker's pool, once"
-    counters = {key: value for key, value in values(seen).items() if key[0].endswith(("_total", "_count", "_bucket"))}
+    counters = {key: value for key, value in values(seen).items() if key[0].endswith(("_total", "_count", "_bucket"))
+                and not key[0].startswith(("process_", "python_"))}  # (those move with every render)
     assert values(second.render()).items() >= counters.items(), "the same totals whichever worker renders"
 
     # A worker that is gone: its counts stay in the totals, its requests in flight leave them.
@@ -82,6 +87,41 @@ def test_every_scrape_shows_every_workers_counts(tmp_path):
     assert total(after, "sentinel_proxy_requests_total") == 3 and total(after, "sentinel_proxy_in_flight_requests") == 1
     first.unshare()
     assert total(first.render(), "sentinel_proxy_requests_total") == 1, "unshared: this process's numbers again"
+
+
+def test_per_process_values_combine_into_the_gateways(tmp_path):
+    """process_* and python_* and the settings gauges: summed where a sum means something (memory,
+    CPU, open files, in-flight capacity), else one worker's value (limits, start, version, intervals)."""
+    pool = trusted_pool(2)
+    workers = Metrics(pool), Metrics(pool)
+    limits = SimpleNamespace(max_in_flight=64, health_check_interval_ms=2500, integrity_check_interval_ms=60000)
+    for metrics, pid in zip(workers, (1001, 1002)):
+        metrics.configure(limits)
+        metrics.share(str(tmp_path), pid)
+        metrics.observe_attempt("n0:1", "ok", 0.03, ("node_getBlock",))
+    workers[0].observe_check("integrity", "n0:1", 0.2, True)
+    own = values(generate_latest(workers[0].registry))
+    workers[1].sync()
+    seen = workers[0].render()
+    assert total(seen, "sentinel_proxy_build_info", version=__version__) == 1
+    assert total(seen, "sentinel_proxy_max_in_flight") == 128, "the gateway's capacity, as in-flight is summed"
+    assert total(seen, "sentinel_proxy_check_interval_seconds", check="health") == 2.5
+    assert total(seen, "sentinel_proxy_check_last_success_timestamp_seconds", check="integrity") > 0
+    assert total(seen, "sentinel_proxy_upstream_attempt_duration_seconds_count", method_class="archive") == 2
+    assert total(seen, "process_max_fds") == own[("process_max_fds", ())]
+    assert total(seen, "process_start_time_seconds") == own[("process_start_time_seconds", ())]
+    assert total(seen, "process_resident_memory_bytes") > 1.5 * own[("process_resident_memory_bytes", ())]
+    assert total(seen, "process_cpu_seconds_total") >= 2 * own[("process_cpu_seconds_total", ())] - 0.5
+    assert total(seen, "python_info") == 1
+    assert total(seen, "python_gc_collections_total") >= own[("python_gc_collections_total", (("generation", "0"),))]
+    assert [key for key in values(seen) if ("pid", "1001") in key[1] or ("pid", "1002") in key[1]] == []
+
+    workers[1].unshare()
+    mark_process_dead(1002, str(tmp_path))
+    after = workers[0].render()
+    assert total(after, "sentinel_proxy_max_in_flight") == 64
+    assert total(after, "process_resident_memory_bytes") < 1.5 * own[("process_resident_memory_bytes", ())]
+    workers[0].unshare()
 
 
 def test_sync_cost(tmp_path, capsys):

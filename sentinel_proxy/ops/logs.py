@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from types import TracebackType
 from typing import IO, Any
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                             formatEvent, globalLogPublisher)
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
@@ -85,8 +87,34 @@ class JsonLinesObserver:
         _write_lines(self._stream, json.dumps(record, default=str) + "\n")
 
 
+def log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    """``sys.excepthook`` under ``LOG_FORMAT=json``: an exception nothing caught (a start-up failure
+    twistd lets through) is one event with its traceback, not a record per line of stderr."""
+    _log.failure("uncaught exception: {exception}", Failure(value, kind, traceback), exception=repr(value))
+
+
 def json_observer(stream: IO[str] | None = None) -> FilteringLogObserver:
+    """The JSON-lines observer; for the daemon's own stdout (no ``stream``), uncaught exceptions
+    go to it too (:func:`log_uncaught`)."""
+    if stream is None:
+        sys.excepthook = log_uncaught
     return FilteringLogObserver(JsonLinesObserver(stream or sys.stdout), [_predicate])
+
+
+def methods_summary(methods: tuple[str, ...], shown: int = 3, empty: str = "-") -> str:
+    """The first ``shown`` names, each cut to 64 characters (names come from callers), and how
+    many more. The usual short names cost one join."""
+    if not methods:
+        return empty
+    text = ",".join(methods[:shown])
+    if len(text) > 64:
+        text = ",".join([name if len(name) <= 64 else name[:64] + "..." for name in methods[:shown]])
+    return text if len(methods) <= shown else f"{text},+{len(methods) - shown}"
+
+
+def methods_list(methods: tuple[str, ...], shown: int = 10) -> list[str]:
+    """The first ``shown`` names for a JSON line, each cut to 64 characters; ``calls`` says how many there were."""
+    return [name if len(name) <= 64 else name[:64] + "..." for name in methods[:shown]]
 
 
 class AccessLog:
@@ -98,8 +126,9 @@ class AccessLog:
     when it holds ``FLUSH_LINES``), in the same shape as the rest of the log.
 
     What callers choose (request id, forwarded address, method names) is :func:`escaped` in text
-    lines and ASCII-escaped in JSON lines. A write that fails is logged with the number of lines
-    it lost, and the next flush goes on: the flush loop never stops.
+    lines and ASCII-escaped in JSON lines; method names are bounded in both (:func:`methods_summary`,
+    :func:`methods_list`). A write that fails is logged with the number of lines it lost, and the
+    next flush goes on: the flush loop never stops.
     """
 
     FLUSH_INTERVAL = 0.2
@@ -122,26 +151,37 @@ class AccessLog:
             self._stamp = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S+0000")
         return self._stamp
 
-    def write(self, now: float, request_id: str, client: str, route: str, methods: str, calls: int, backend: str,
-              status: int, outcome: str, duration_ms: float, attempts: int, refused: str = "") -> None:
-        """``refused``: the summary of the batch items the gateway refused itself ("" for none)."""
+    def write(self, now: float, request_id: str, client: str, route: str, methods: tuple[str, ...], backend: str,
+              status: int, outcome: str, duration_ms: float, attempts: int, refused: tuple[str, ...] = (),
+              cache: str = "none", upstream_ms: float | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """``refused``: the methods of the batch items the gateway refused itself; ``cache``: hit,
+        partial, miss or none; ``upstream_ms``: the answering node's time (None: no node answered);
+        ``bytes_in``/``bytes_out``: the caller's request body and the reply body."""
+        summary = methods_summary(methods)
+        refused_summary = methods_summary(refused) if refused else ""
+        upstream = "-" if upstream_ms is None else f"{upstream_ms:.1f}ms"
         if self._json:
             line = json.dumps({
                 "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
                 "level": "info", "namespace": "sentinel_proxy.access",
-                "message": self._message(request_id, client, route, methods, backend, status, outcome, duration_ms,
-                                         attempts, refused),
-                "request_id": request_id, "client": client, "route": route, "methods": methods, "calls": calls,
-                "refused": refused, "backend": backend, "status": status, "outcome": outcome,
-                "duration_ms": duration_ms, "attempts": attempts})
+                "message": self._message(request_id, client, route, summary, backend, status, outcome, duration_ms,
+                                         attempts, cache, upstream, bytes_in, bytes_out, refused_summary),
+                "request_id": request_id, "client": client, "route": route, "methods": methods_list(methods),
+                "calls": len(methods), "refused": methods_list(refused), "refused_calls": len(refused),
+                "backend": backend, "status": status, "outcome": outcome, "duration_ms": duration_ms,
+                "attempts": attempts, "cache": cache,
+                "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+                "bytes_in": bytes_in, "bytes_out": bytes_out})
         else:
-            message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
-                       f"{duration_ms:.1f}ms attempts={attempts}")
-            if refused:
-                message = f"{message} refused={refused}"
+            message = (f"{request_id} {client} POST {route} {summary} -> {backend} {status} {outcome} "
+                       f"{duration_ms:.1f}ms attempts={attempts} cache={cache} upstream={upstream} "
+                       f"in={bytes_in} out={bytes_out}")
+            if refused_summary:
+                message = f"{message} refused={refused_summary}"
             if len(message) > self.PLAIN_LINE or not message.isprintable():  # one check for the usual line
-                message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(methods),
-                                        escaped(backend), status, outcome, duration_ms, attempts, escaped(refused))
+                message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(summary),
+                                        escaped(backend), status, outcome, duration_ms, attempts, cache, upstream,
+                                        bytes_in, bytes_out, escaped(refused_summary))
             line = f"{self._prefix(now)} [sentinel_proxy.access#info] {message}"
         self._lines.append(line)
         if len(self._lines) >= self.FLUSH_LINES:
@@ -149,9 +189,11 @@ class AccessLog:
 
     @staticmethod
     def _message(request_id: str, client: str, route: str, methods: str, backend: str, status: int, outcome: str,
-                 duration_ms: float, attempts: int, refused: str) -> str:
+                 duration_ms: float, attempts: int, cache: str, upstream: str, bytes_in: int, bytes_out: int,
+                 refused: str) -> str:
         message = (f"{request_id} {client} POST {route} {methods} -> {backend} {status} {outcome} "
-                   f"{duration_ms:.1f}ms attempts={attempts}")
+                   f"{duration_ms:.1f}ms attempts={attempts} cache={cache} upstream={upstream} "
+                   f"in={bytes_in} out={bytes_out}")
         return f"{message} refused={refused}" if refused else message
 
     def flush(self) -> None:

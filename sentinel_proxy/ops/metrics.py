@@ -14,21 +14,31 @@ look-up and a bucket walk per observation: ~15 % of the gateway's CPU per reques
 exposition is the one those objects would give for the same observations (tests/test_metrics.py).
 The check metrics are kept the same way, so that with --workers every family reaches the shared
 metric files (:meth:`Metrics.share`, ops/shared_metrics.py) by one path.
+
+A node is named by one label, ``backend``, whose value is its display name, in every metric but
+three of the prototype's (``sentinel_proxy_backend_health``, ``_integrity_score``,
+``_block_number``), which keep their ``url`` label (same value) because the contract says so.
 """
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterable, Iterator, Sequence, TypeVar
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+                               disable_created_metrics, generate_latest)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
+from twisted.internet.interfaces import IReactorTime
 
+from sentinel_proxy import __version__
 from sentinel_proxy.core import methods
 from sentinel_proxy.ops.shared_metrics import MetricFiles
 from sentinel_proxy.state.backends import BackendPool
+
+if TYPE_CHECKING:
+    from sentinel_proxy.settings import Settings
 
 #: Value of the prototype's "method" label; kept for compatibility (it always said "proxy").
 PROXY_METHOD = "proxy"
@@ -48,12 +58,45 @@ QUARANTINE_REASONS = ("lag", "chain", "diverged")
 NODE_TYPES = ("archiver", "pruned")
 BREAKER_STATES = ("closed", "open", "half-open")
 BATCH_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100)
+#: How --workers combines the process collectors' gauges (the others are summed: memory, open
+#: files): the oldest worker's start, the per-process limit, the interpreter (the same in all).
+PROCESS_GAUGE_MODES = {"process_start_time_seconds": "livemin", "process_max_fds": "livemax",
+                       "python_info": "livemax"}
 #: prometheus_client's default histogram buckets (``Histogram.DEFAULT_BUCKETS``).
 DEFAULT_BUCKETS = Histogram.DEFAULT_BUCKETS
 
 
+#: ``method_class`` of node attempts: "write" (not safe to repeat: sendTx), "archive" (names a
+#: block: served from the node's history), "read" (every other method of the table), "other"
+#: (outside it), "mixed" (a batch of several classes). Five values, whatever callers send.
+WRITE, ARCHIVE, READ, MIXED = "write", "archive", "read", "mixed"
+METHOD_CLASSES = (READ, ARCHIVE, WRITE, OTHER_METHOD, MIXED)
+
+
+def _class_of(method: str) -> str:
+    row = methods.lookup(method)
+    assert row is not None
+    return WRITE if not row.safe else ARCHIVE if row.routing is not None else READ
+
+
+#: Wire name -> class, for the exact spellings of the table (as :data:`KNOWN_METHODS`).
+_CLASSES = {method: _class_of(method) for method in KNOWN_METHODS}
+
+
 def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
+
+
+def method_class(calls: Sequence[str]) -> str:
+    """The ``method_class`` of an attempt carrying these calls (see :data:`METHOD_CLASSES`)."""
+    if not calls:
+        return OTHER_METHOD
+    classes = _CLASSES
+    first = classes.get(calls[0], OTHER_METHOD)
+    for method in calls:
+        if classes.get(method, OTHER_METHOD) != first:
+            return MIXED
+    return first
 
 
 class PoolCollector(Collector):
@@ -63,44 +106,45 @@ class PoolCollector(Collector):
         self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        def family(name: str, doc: str, labels: Iterable[str] = ("url",)) -> GaugeMetricFamily:
+        def family(name: str, doc: str, labels: Iterable[str] = ("backend",)) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=list(labels))
 
-        health = family("sentinel_proxy_backend_health", "Backend health (1 healthy, 0 not)")
-        score = family("sentinel_proxy_backend_integrity_score", "Backend integrity score (0-100)")
-        block = family("sentinel_proxy_backend_block_number", "Backend block number")
+        # The prototype's three keep their "url" label (the contract); the value is the display name.
+        health = family("sentinel_proxy_backend_health", "Backend health (1 healthy, 0 not)", ("url",))
+        score = family("sentinel_proxy_backend_integrity_score", "Backend integrity score (0-100)", ("url",))
+        block = family("sentinel_proxy_backend_block_number", "Backend block number", ("url",))
         lag = family("sentinel_proxy_backend_lag_blocks", "Blocks behind the best healthy node on the same chain")
         oldest = family("sentinel_proxy_backend_oldest_block",
                         "Oldest block whose state the node serves (-1 when the node does not say)")
         priority = family("sentinel_proxy_backend_priority", "Selection priority (the prototype's formula)")
         status = family("sentinel_proxy_backend_integrity_status", "1 for the node's current integrity status",
-                        ("url", "status"))
-        node_type = family("sentinel_proxy_backend_node_type", "1 for the node's type", ("url", "type"))
+                        ("backend", "status"))
+        node_type = family("sentinel_proxy_backend_node_type", "1 for the node's type", ("backend", "type"))
         routing = family("sentinel_proxy_backend_routing", "1 for how the request path treats the node",
-                         ("url", "state"))
+                         ("backend", "state"))
         breaker = family("sentinel_proxy_backend_breaker_state", "1 for the node's circuit breaker state",
-                         ("url", "state"))
+                         ("backend", "state"))
         quarantine = family("sentinel_proxy_backend_quarantined", "1 when the node is quarantined for that reason",
-                            ("url", "reason"))
+                            ("backend", "reason"))
         for backend in self._pool.backends:
-            url = backend.label
-            health.add_metric([url], 1.0 if backend.healthy else 0.0)
-            score.add_metric([url], float(backend.verdict.score) if backend.verdict else 0.0)
-            block.add_metric([url], float(backend.block_number))
-            lag.add_metric([url], float(backend.lag))
-            oldest.add_metric([url], float(-1 if backend.oldest_block is None else backend.oldest_block))
-            priority.add_metric([url], float(backend.priority))
+            name = backend.label  # the display name, under either label name
+            health.add_metric([name], 1.0 if backend.healthy else 0.0)
+            score.add_metric([name], float(backend.verdict.score) if backend.verdict else 0.0)
+            block.add_metric([name], float(backend.block_number))
+            lag.add_metric([name], float(backend.lag))
+            oldest.add_metric([name], float(-1 if backend.oldest_block is None else backend.oldest_block))
+            priority.add_metric([name], float(backend.priority))
             current = backend.verdict.status if backend.verdict else ""
             for value in INTEGRITY_STATUSES:
-                status.add_metric([url, value], 1.0 if current == value else 0.0)
+                status.add_metric([name, value], 1.0 if current == value else 0.0)
             for value in NODE_TYPES:
-                node_type.add_metric([url, value], 1.0 if backend.node_type == value else 0.0)
+                node_type.add_metric([name, value], 1.0 if backend.node_type == value else 0.0)
             for value in ROUTING_STATES:
-                routing.add_metric([url, value], 1.0 if backend.routing == value else 0.0)
+                routing.add_metric([name, value], 1.0 if backend.routing == value else 0.0)
             for value in BREAKER_STATES:
-                breaker.add_metric([url, value], 1.0 if backend.breaker.state == value else 0.0)
+                breaker.add_metric([name, value], 1.0 if backend.breaker.state == value else 0.0)
             for value in QUARANTINE_REASONS:
-                quarantine.add_metric([url, value], 1.0 if value in backend.quarantine else 0.0)
+                quarantine.add_metric([name, value], 1.0 if value in backend.quarantine else 0.0)
         yield from (health, score, block, lag, oldest, priority, status, node_type, routing, quarantine, breaker)
 
 
@@ -262,6 +306,12 @@ class CounterFamily(Family[CountValue]):
 class GaugeFamily(Family[GaugeValue]):
     kind = "gauge"
 
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), mode: str = "livesum"):
+        #: How --workers combines the workers' values (a prometheus_client multiprocess mode):
+        #: "livesum" for amounts (in flight, bytes), "livemax" for what every worker says alike.
+        self.mode = mode
+        super().__init__(name, documentation, labelnames)
+
     def _new(self) -> GaugeValue:
         return GaugeValue()
 
@@ -323,7 +373,12 @@ class RequestCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, pool: BackendPool, registry: CollectorRegistry | None = None):
+    def __init__(self, pool: BackendPool, registry: CollectorRegistry | None = None,
+                 clock: IReactorTime | None = None):
+        """``clock``: the wall clock of the check timestamps (the global reactor when None)."""
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self._clock = clock
         # No ``*_created`` series: the Go prototype never had them, and they double every counter's
         # and histogram's series for no alert anyone writes (a process-wide client setting).
         disable_created_metrics()
@@ -344,7 +399,8 @@ class Metrics:
         self.rpc_calls = add(CounterFamily("sentinel_proxy_rpc_calls",
                                            "JSON-RPC calls (batch items counted one by one)", ["method", "route"]))
         self.rpc_call_duration = add(HistogramFamily("sentinel_proxy_rpc_call_duration_seconds",
-                                                     "Duration of the request that carried each JSON-RPC call",
+                                                     "Duration of requests whose calls all use this method (one call, "
+                                                     "or a batch of this method alone), once per request",
                                                      ["method"]))
         self.batch_size = add(HistogramFamily("sentinel_proxy_batch_size", "Calls per JSON-RPC batch",
                                               buckets=BATCH_BUCKETS))
@@ -353,6 +409,9 @@ class Metrics:
         self.in_flight: GaugeValue = self.in_flight_family.child(())
         self.upstream_attempts = add(CounterFamily("sentinel_proxy_upstream_attempts",
                                                    "Requests sent to nodes by result", ["backend", "result"]))
+        self.attempt_duration = add(HistogramFamily(
+            "sentinel_proxy_upstream_attempt_duration_seconds", "Duration of each attempt at a node (real traffic), "
+            "by the class of the methods it carried", ["backend", "method_class"]))
         self.failovers = add(CounterFamily("sentinel_proxy_failovers",
                                            "Requests sent on to another node after a failure", ["route"]))
         self.hedges = add(CounterFamily("sentinel_proxy_hedges",
@@ -376,16 +435,33 @@ class Metrics:
                                                   "Health and integrity check duration", ["check", "backend"]))
         self.check_failures = add(CounterFamily("sentinel_proxy_check_failures", "Failed health and integrity checks",
                                                 ["check", "backend"]))
+        self.check_last_success = add(GaugeFamily(
+            "sentinel_proxy_check_last_success_timestamp_seconds", "When the check of the node last succeeded "
+            "(Unix time; the time of its first check until one does)", ["check", "backend"], mode="livemax"))
+        # What the alert rules compare against (deploy/prometheus/alerts.yml): :meth:`configure`.
+        self.build_info = add(GaugeFamily("sentinel_proxy_build_info", "Always 1: the gateway's version",
+                                          ["version"], mode="livemax"))
+        self.build_info.child((__version__,)).set(1)
+        self.max_in_flight = add(GaugeFamily(
+            "sentinel_proxy_max_in_flight", "MAX_IN_FLIGHT: requests in flight past which callers get 503 "
+            "(with --workers, summed over the workers like sentinel_proxy_in_flight_requests)"))
+        self.check_interval = add(GaugeFamily(
+            "sentinel_proxy_check_interval_seconds", "HEALTH_CHECK_INTERVAL_MS and INTEGRITY_CHECK_INTERVAL_MS, in "
+            "seconds", ["check"], mode="livemax"))
         r.register(hot)
         self._hot = hot
         self._pool = pool
         self.registry.register(PoolCollector(pool))
+        #: process_* and python_*: with --workers, copied into the files like the rest (:meth:`sync`).
+        self._process: tuple[Collector, ...] = (ProcessCollector(registry=r), PlatformCollector(registry=r),
+                                                GCCollector(registry=r))
         self._stores: list[StoreCollector] = []
         #: With --workers: this process's metric files and the registry that reads every worker's.
         self._files: MetricFiles | None = None
         self._shared: CollectorRegistry | None = None
-        # The three duration histograms share the default buckets: observe_request bisects once.
-        assert self.duration.bounds == self.rpc_duration.bounds == self.rpc_call_duration.bounds
+        # The duration histograms share the default buckets: observe_request bisects once.
+        assert (self.duration.bounds == self.rpc_duration.bounds == self.rpc_call_duration.bounds
+                == self.attempt_duration.bounds)
         self._bounds = self.rpc_duration.bounds
         self._batch: HistogramValue = self.batch_size.child(())
         #: (route, status, outcome, backend) -> the four series a request of that kind updates.
@@ -396,6 +472,7 @@ class Metrics:
         self._call_series: dict[str, dict[str, tuple[CountValue, HistogramValue]]] = {}
         self._other_series: dict[str, tuple[CountValue, HistogramValue]] = {}
         self._attempt_series: dict[tuple[str, str], CountValue] = {}
+        self._attempt_durations: dict[tuple[str, str], HistogramValue] = {}
         self._preset()
 
     def _preset(self) -> None:
@@ -460,8 +537,10 @@ class Metrics:
                 call = calls.get(method)
                 if call is None:
                     call = self._new_call_series(route, method)
-                count, call_duration = call
-                count.value += 1
+                call[0].value += 1
+            # A request's time is one method's only when every call is that method (docs/metrics.md).
+            if len(methods) == 1 or methods.count(methods[0]) == len(methods):
+                call_duration = call[1]
                 call_duration.counts[bucket] += 1
                 call_duration.sum += seconds
         if batch is not None:
@@ -480,16 +559,32 @@ class Metrics:
             if count:
                 self._cache_series[result].inc(count)
 
-    def observe_attempt(self, backend: str, result: str) -> None:
+    def observe_attempt(self, backend: str, result: str, seconds: float, calls: Sequence[str]) -> None:
+        """One attempt at a node: its result, and its duration by :func:`method_class` of ``calls``."""
         series = self._attempt_series.get((backend, result))
         if series is None:
             series = self._attempt_series[(backend, result)] = self.upstream_attempts.child((str(backend), str(result)))
         series.value += 1
+        key = (backend, method_class(calls))
+        duration = self._attempt_durations.get(key)
+        if duration is None:
+            duration = self._attempt_durations[key] = self.attempt_duration.child((str(backend), key[1]))
+        duration.counts[bisect_left(self._bounds, seconds)] += 1
+        duration.sum += seconds
 
     def observe_check(self, check: str, backend: str, seconds: float, ok: bool) -> None:
         self.check_duration.labels(check, backend).observe(seconds)
         if not ok:
             self.check_failures.labels(check, backend).inc()
+        key = (str(check), str(backend))
+        if ok or key not in self.check_last_success.series:
+            self.check_last_success.child(key).set(self._clock.seconds())
+
+    def configure(self, settings: Settings) -> None:
+        """Export the settings the alert rules take their thresholds from (at build and on reload)."""
+        self.max_in_flight.child(()).set(settings.max_in_flight)
+        self.check_interval.child(("health",)).set(settings.health_check_interval_ms / 1000.0)
+        self.check_interval.child(("integrity",)).set(settings.integrity_check_interval_ms / 1000.0)
 
     def share(self, directory: str, pid: int) -> None:
         """From now on count into ``directory`` too, and show what every process counted there
@@ -511,6 +606,9 @@ class Metrics:
         for store in self._stores:
             for metric in store.collect():
                 files.write_metric(metric)
+        for collector in self._process:
+            for metric in collector.collect():
+                files.write_metric(metric, PROCESS_GAUGE_MODES.get(metric.name, "livesum"))
 
     def unshare(self) -> None:
         """Back to this process's numbers alone: the directory is about to go."""

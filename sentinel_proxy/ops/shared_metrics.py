@@ -6,8 +6,9 @@ own numbers, successive scrapes would go up and down and Prometheus would see co
 every worker copies its series into its own files in one directory per gateway, and /metrics
 renders them with prometheus_client's ``MultiProcessCollector``, which sums the files of every
 process, the dead ones' included: each file only grows, so no counter a scrape shows goes back,
-whichever worker answers. Gauges are "livesum": a dead worker's share leaves with it
-(``mark_process_dead``).
+whichever worker answers. Gauges are "live": a dead worker's share leaves with it
+(``mark_process_dead``); most are summed ("livesum": in flight, bytes, memory), those every
+worker says alike are not ("livemax": the version, the check intervals; "livemin": the start time).
 
 The request path still counts in plain numbers (ops/metrics.py: no lock and no mmap write per
 request); :meth:`MetricFiles.write_family` copies only the series that changed, every
@@ -28,8 +29,17 @@ if TYPE_CHECKING:
 #: at most this old (its own numbers are copied as it renders).
 SYNC_INTERVAL = 0.5
 
-#: File name prefix of each metric type, as ``MultiProcessCollector`` reads it (``{prefix}_{pid}.db``).
-_PREFIXES = {"counter": "counter", "gauge": "gauge_livesum", "histogram": "histogram"}
+#: Gauge modes this module writes (prometheus_client multiprocess modes whose files go with a dead worker).
+GAUGE_MODES = frozenset({"livesum", "livemax", "livemin"})
+
+
+def _prefix(kind: str, mode: str) -> str:
+    """File name prefix of a metric type, as ``MultiProcessCollector`` reads it (``{prefix}_{pid}.db``)."""
+    if kind != "gauge":
+        return kind
+    if mode not in GAUGE_MODES:
+        raise ValueError(f"gauge mode {mode!r} is not one of {sorted(GAUGE_MODES)}")
+    return f"gauge_{mode}"
 
 
 class MetricFiles:
@@ -44,7 +54,7 @@ class MetricFiles:
         #: (histogram name, label values) -> the bucket counts and sum written last.
         self._histograms: dict[tuple[str, tuple[str, ...]], tuple[list[int], float]] = {}
 
-    def _put(self, kind: str, metric: str, sample: str, documentation: str, labelnames: Sequence[str],
+    def _put(self, prefix: str, metric: str, sample: str, documentation: str, labelnames: Sequence[str],
              labelvalues: tuple[str, ...], value: float) -> None:
         ident = (sample, labelvalues)
         written = self._written.get(ident)
@@ -52,9 +62,9 @@ class MetricFiles:
             return
         key = written[0] if written is not None else mmap_key(metric, sample, list(labelnames), list(labelvalues),
                                                               documentation)
-        file = self._files.get(kind)
+        file = self._files.get(prefix)
         if file is None:
-            file = self._files[kind] = MmapedDict(os.path.join(self.directory, f"{_PREFIXES[kind]}_{self.pid}.db"))
+            file = self._files[prefix] = MmapedDict(os.path.join(self.directory, f"{prefix}_{self.pid}.db"))
         file.write_value(key, float(value), 0.0)
         self._written[ident] = (key, value)
 
@@ -62,10 +72,11 @@ class MetricFiles:
         """Copy the changed series of one of ops/metrics.py's families (counter, gauge or histogram)."""
         kind, name, documentation, labelnames = family.kind, family.name, family.documentation, family.labelnames
         series = list(family.series.items())
+        prefix = _prefix(kind, getattr(family, "mode", ""))
         if kind != "histogram":
             sample = name + "_total" if kind == "counter" else name
             for labels, value in series:
-                self._put(kind, name, sample, documentation, labelnames, labels, value.value)
+                self._put(prefix, name, sample, documentation, labelnames, labels, value.value)
             return
         bucket_labels = (*labelnames, "le")
         for labels, value in series:
@@ -74,14 +85,16 @@ class MetricFiles:
                 continue
             # Buckets are not cumulated in the files: MultiProcessCollector cumulates them.
             for le, count in zip(family.les, value.counts):  # type: ignore[attr-defined]
-                self._put(kind, name, name + "_bucket", documentation, bucket_labels, (*labels, le), count)
-            self._put(kind, name, name + "_sum", documentation, labelnames, labels, value.sum)
+                self._put(prefix, name, name + "_bucket", documentation, bucket_labels, (*labels, le), count)
+            self._put(prefix, name, name + "_sum", documentation, labelnames, labels, value.sum)
             self._histograms[(name, labels)] = (list(value.counts), value.sum)
 
-    def write_metric(self, metric: Metric) -> None:
-        """Copy a counter or gauge family that a collector made (the stores' counters)."""
+    def write_metric(self, metric: Metric, mode: str = "livesum") -> None:
+        """Copy a counter or gauge family that a collector made (the stores' counters, process_*,
+        python_*); ``mode``: how the workers' values of a gauge combine."""
+        prefix = _prefix(metric.type, mode)
         for sample in metric.samples:
-            self._put(metric.type, metric.name, sample.name, metric.documentation, tuple(sample.labels),
+            self._put(prefix, metric.name, sample.name, metric.documentation, tuple(sample.labels),
                       tuple(sample.labels.values()), sample.value)
 
     def close(self) -> None:

@@ -76,11 +76,12 @@ def tcp_address(listen: str) -> tuple[str, int]:
 
 
 def follower_command() -> list[str]:
-    """This process's own command line, in the foreground: twistd's options are not all safe to
-    repeat (a pid file, daemonising), the gateway's are."""
+    """This process's gateway options, run in the foreground by ``sentinel-proxy run``: twistd's
+    own options are not all safe to repeat (a pid file, daemonising), the gateway's are. Under
+    ``twistd`` and under ``sentinel-proxy run`` alike the gateway's options follow the plugin name."""
     argv = sys.argv
     plugin_args = argv[argv.index("sentinel-proxy") + 1:] if "sentinel-proxy" in argv else []
-    return [sys.executable, argv[0], "-n", "--pidfile=", "sentinel-proxy", *plugin_args]
+    return [sys.executable, "-m", "sentinel_proxy.cli", "run", *plugin_args]
 
 
 def trip(breaker: CircuitBreaker, now: float) -> None:

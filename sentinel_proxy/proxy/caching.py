@@ -294,6 +294,8 @@ class Caching:
             self._reply_headers[label] = headers
         outcome = "rpc_error" if errors else "ok"
         if upstream is None:
-            return Reply(status, body, headers, outcome=outcome)
+            return Reply(status, body, headers, outcome=outcome, cache="hit")
         headers += tuple((name, value) for name, value in upstream.headers if name == b"x-sentinel-fallback")
-        return Reply(status, body, headers, upstream.backend, outcome, upstream.attempts)
+        cache = "partial" if counts["hit"] or counts["coalesced"] else "miss"
+        return Reply(status, body, headers, upstream.backend, outcome, upstream.attempts, cache=cache,
+                     upstream_ms=upstream.upstream_ms)

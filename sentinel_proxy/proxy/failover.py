@@ -19,7 +19,8 @@ from sentinel_proxy.core import answers, jsonrpc, methods
 from sentinel_proxy.interfaces import IForwardingClient
 from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.metrics import Metrics
-from sentinel_proxy.proxy.values import JSON_HEADERS, Attempt, Plan, Reply, error_reply
+from sentinel_proxy.ops.tracing import NO_TRACER, Tracer
+from sentinel_proxy.proxy.values import JSON_HEADERS, Attempt, HeaderPairs, Plan, Reply, error_reply
 from sentinel_proxy.state.backends import Backend, BackendPool
 from sentinel_proxy.upstream.response import LocalError, LocalErrors, UpstreamError, UpstreamResponse
 
@@ -229,8 +230,9 @@ def judge(plan: Plan, backend: Backend, answer: UpstreamResponse) -> Attempt:
                    errors=matched.errors)
 
 
-def answer_reply(result: Attempt, fallback: str | None, attempts: int) -> Reply:
-    """The node's answer as the caller gets it: its status, body and headers, minus the hop's own."""
+def answer_reply(result: Attempt, fallback: str | None, attempts: int, upstream_ms: float | None = None) -> Reply:
+    """The node's answer as the caller gets it: its status, body and headers, minus the hop's own.
+    ``upstream_ms``: from the answering attempt's start (a hedged pair's: the first node's)."""
     answer = result.answer
     assert answer is not None
     drop = _DROP_FROM_REWRITTEN if result.rewritten else _DROP_RESPONSE_HEADERS
@@ -239,7 +241,7 @@ def answer_reply(result: Attempt, fallback: str | None, attempts: int) -> Reply:
         headers += ((b"x-sentinel-fallback", fallback.encode()),)
     code = answer.code
     return Reply(code, result.body, headers, result.backend, "rpc_error" if code >= 400 or result.errors else "ok",
-                 attempts, items=result.items)
+                 attempts, items=result.items, upstream_ms=upstream_ms)
 
 
 def _shield(deferred: defer.Deferred[Any]) -> defer.Deferred[Any]:
@@ -276,7 +278,9 @@ class Failover:
     """One request's attempts at the nodes; the only stage that talks to them (through
     :class:`IForwardingClient`, so it runs in memory in the tests)."""
 
-    def __init__(self, pool: BackendPool, client: IForwardingClient, metrics: Metrics, clock: IReactorTime):
+    def __init__(self, pool: BackendPool, client: IForwardingClient, metrics: Metrics, clock: IReactorTime,
+                 tracer: Tracer = NO_TRACER):
+        self._tracer = tracer
         self._pool = pool
         self._client = client
         self._metrics = metrics
@@ -322,11 +326,11 @@ class Failover:
                 if hedge is not None:
                     tried.append(hedge)
             else:
-                result = await self._attempt(plan, pick.backend, min(limits.attempt_timeout, remaining))
+                result = await self._attempt(plan, pick.backend, min(limits.attempt_timeout, remaining), len(tried))
             if result.ok:
                 found = _pruned_items(result) if result.errors and plan.safe else {}
                 if not found:
-                    return answer_reply(result, pick.fallback, len(tried))
+                    return answer_reply(result, pick.fallback, len(tried), (self._clock.seconds() - now) * 1000.0)
                 # The pruning edge: the node no longer keeps N. Not a failure (it answered); it
                 # keeps nothing below N+1 from now on, and the call goes to a node that keeps N.
                 oldest = min(found.values())
@@ -337,7 +341,7 @@ class Failover:
                          request_id=plan.request_id, backend=result.backend.name, block=oldest)
                 continue
             if result.kind == "caller_error":  # another node would refuse it too
-                return answer_reply(result, pick.fallback, len(tried))
+                return answer_reply(result, pick.fallback, len(tried), (self._clock.seconds() - now) * 1000.0)
             if result.kind == "local":
                 return error_reply(503, jsonrpc.OVERLOADED, "Gateway overloaded: it cannot open a connection to a "
                                    "node (out of file descriptors, ports or memory); retry shortly",
@@ -368,7 +372,7 @@ class Failover:
         limits = plan.limits
         now = self._clock.seconds()
         first = defer.Deferred.fromCoroutine(
-            self._attempt(plan, first_backend, min(limits.attempt_timeout, plan.deadline - now)))
+            self._attempt(plan, first_backend, min(limits.attempt_timeout, plan.deadline - now), len(tried)))
         delay = limits.hedge_delay or (self._pool.hedge_delay(plan.route) or DEFAULT_HEDGE_DELAY * 1000.0) / 1000.0
         index, result = await defer.race([_shield(first), task.deferLater(self._clock, delay, lambda: None)])
         if index == 0:
@@ -379,14 +383,28 @@ class Failover:
             return await first, None
         self._metrics.hedges.labels(plan.route).inc()
         second = defer.Deferred.fromCoroutine(
-            self._attempt(plan, second_backend, min(limits.attempt_timeout, plan.deadline - now)))
+            self._attempt(plan, second_backend, min(limits.attempt_timeout, plan.deadline - now), len(tried) + 1,
+                          "hedge"))
         return await _first_good([first, second]), second_backend
 
-    async def _attempt(self, plan: Plan, backend: Backend, timeout: float) -> Attempt:
+    async def _attempt(self, plan: Plan, backend: Backend, timeout: float, number: int,
+                       role: str | None = None) -> Attempt:
+        """One attempt in its span (``number`` counts the request's attempts; ``role``: hedge, or
+        else first or failover by the number)."""
+        span = self._tracer.attempt(backend.name, number, role or ("first" if number == 1 else "failover"))
+        try:
+            result = await self._call(plan, backend, timeout, span.headers(plan.headers))
+        except defer.CancelledError:
+            span.end("cancelled")
+            raise
+        span.end(result.kind)
+        return result
+
+    async def _call(self, plan: Plan, backend: Backend, timeout: float, headers: HeaderPairs) -> Attempt:
         backend.breaker.begin()
         started = self._clock.seconds()
         try:
-            answer = await self._client.post(backend, plan.body, plan.headers, timeout)
+            answer = await self._client.post(backend, plan.body, headers, timeout)
         except UpstreamError as failure:
             result = Attempt(backend, failure.kind, str(failure))
             log.warn("request {request_id} to {backend} failed: {reason}", request_id=plan.request_id,
@@ -402,7 +420,7 @@ class Failover:
         else:
             result = judge(plan, backend, answer)
         now = self._clock.seconds()
-        self._metrics.observe_attempt(backend.label, result.kind)
+        self._metrics.observe_attempt(backend.label, result.kind, now - started, plan.parsed.methods)
         if result.ok:
             self._pool.record_outcome(backend, now, attempt="answered", latency_ms=(now - started) * 1000.0)
         elif result.kind in ("too_large", "wrong_dialect", "caller_error"):

@@ -15,6 +15,7 @@ from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.interfaces import IForwardingClient, IRateLimiter, IResponseCache
 from sentinel_proxy.ops.logs import AccessLog, observer
 from sentinel_proxy.ops.metrics import Metrics
+from sentinel_proxy.ops.tracing import NO_TRACER, Tracer
 from sentinel_proxy.proxy import guard
 from sentinel_proxy.proxy.admission import InFlight, RateLimit, bucket_of
 from sentinel_proxy.proxy.caching import Caching
@@ -33,14 +34,15 @@ class RequestPath:
     def __init__(self, pool: BackendPool, upstream: IForwardingClient, metrics: Metrics, clock: IReactorTime,
                  limits: Limits, access_log: AccessLog | None = None, cache: IResponseCache | None = None,
                  volatile_ttl: float = 1.0, limiter: IRateLimiter | None = None, worker: str | None = None,
-                 answer_bytes: Callable[[], int] | None = None):
+                 answer_bytes: Callable[[], int] | None = None, tracer: Tracer = NO_TRACER):
         self._answer_bytes = answer_bytes  # node answers' bytes over MAX_BUFFERED_ANSWERS_MB (upstream/memory.py)
         self._pool = pool
         self._clock = clock
         self._limits = limits
         self._in_flight = InFlight(metrics.in_flight)
         self._rate_limit = RateLimit(limiter)
-        self._failover = Failover(pool, upstream, metrics, clock)
+        self._tracer = tracer
+        self._failover = Failover(pool, upstream, metrics, clock, tracer)
         self._caching = None if cache is None else Caching(cache, metrics, volatile_ttl, lambda: pool.finalized,
                                                            self._failover.forward, chain=pool.chain_identity)
         self._telemetry = Telemetry(metrics, clock, access_log, worker)
@@ -68,11 +70,13 @@ class RequestPath:
         started = self._clock.seconds()
         inbound = Inbound(route, body, headers, body_too_large, caller)
         limits = self._limits
+        span = self._tracer.request(route, caller)
         reply = self._in_flight.enter(limits.max_in_flight, self._answer_bytes)
         if reply is None:
             try:
                 reply = await self._admitted(inbound, limits)
             except defer.CancelledError:
+                span.end(None)
                 raise  # the caller went away (Klein cancels the handler): its upstream call is cancelled too
             except Exception:  # the prototype's panic recovery: one broken request, not a broken daemon
                 log.failure("request {request_id} on {route} failed inside the gateway",
@@ -84,7 +88,9 @@ class RequestPath:
             reply = guard.addressed_unparsed(reply, inbound, limits.max_body)
         if reply.backend is not None:
             self._pool.record_outcome(reply.backend, self._clock.seconds(), reply_status=reply.status)
-        return self._telemetry.finish(inbound, reply, started)
+        reply = self._telemetry.finish(inbound, reply, started)
+        span.end(reply)
+        return reply
 
     async def _admitted(self, inbound: Inbound, limits: Limits) -> Reply:
         bucket = bucket_of(inbound.caller, limits.key_digests)

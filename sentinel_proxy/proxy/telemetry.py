@@ -10,17 +10,6 @@ from sentinel_proxy.proxy.values import HeaderPairs, Inbound, Reply
 from sentinel_proxy.state.status import RequestTotals
 
 
-def methods_summary(methods: tuple[str, ...], shown: int = 3, empty: str = "-") -> str:
-    """The first ``shown`` names, each cut to 64 characters (names come from callers), and how
-    many more. The usual short names cost one join."""
-    if not methods:
-        return empty
-    text = ",".join(methods[:shown])
-    if len(text) > 64:
-        text = ",".join([name if len(name) <= 64 else name[:64] + "..." for name in methods[:shown]])
-    return text if len(methods) <= shown else f"{text},+{len(methods) - shown}"
-
-
 #: (name, node type) -> the node's two headers; built once per node and type, not per request.
 _NODE_HEADERS: dict[tuple[str, str], HeaderPairs] = {}
 _ATTEMPTS = tuple(((b"x-sentinel-attempts", str(n).encode("ascii")),) for n in range(16))
@@ -66,13 +55,13 @@ class Telemetry:
         """Count and log the request, and return the reply with the gateway's headers added."""
         elapsed = self._clock.seconds() - started
         backend = reply.backend
-        self.totals.record(reply.status)
+        self.totals.record(reply.status, len(reply.refused))
         self._metrics.observe_request(inbound.route, reply.status, reply.outcome,
                                       backend.label if backend else NO_BACKEND, elapsed, reply.methods, reply.batch)
         caller = inbound.caller
         if self.access_log is not None:
             self.access_log.write(self._clock.seconds(), caller.request_id, caller.address, inbound.route,
-                                  methods_summary(reply.methods), len(reply.methods),
-                                  backend.name if backend else "-", reply.status, reply.outcome, elapsed * 1000.0,
-                                  reply.attempts, methods_summary(reply.refused) if reply.refused else "")
+                                  reply.methods, backend.name if backend else "-", reply.status, reply.outcome,
+                                  elapsed * 1000.0, reply.attempts, reply.refused, reply.cache, reply.upstream_ms,
+                                  len(inbound.body), len(reply.body))
         return reply.with_headers(response_headers(reply, caller.request_id, self._worker))

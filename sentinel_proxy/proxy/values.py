@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from sentinel_proxy.core import jsonrpc
+from sentinel_proxy.ops.tracing import TraceContext, trace_context
 from sentinel_proxy.state.backends import Backend
 from sentinel_proxy.upstream.response import UpstreamResponse
 
@@ -56,6 +57,8 @@ class Caller:
     address: str = "-"
     #: The API key the caller presented (header or ?key=); never logged.
     api_key: str | None = None
+    #: The caller's valid W3C traceparent (and tracestate): the request span's parent when tracing is on.
+    trace: TraceContext | None = None
 
 
 class Inbound:
@@ -76,6 +79,11 @@ class Inbound:
         self.caller = caller
 
 
+#: How the cache took part in a reply: every call answered by it (or by an identical call in
+#: flight), some, none of the cacheable calls, or no cacheable call at all (or no cache).
+CACHE_STATUSES = ("hit", "partial", "miss", "none")
+
+
 # Plain classes with __slots__ rather than frozen dataclasses: a frozen dataclass sets each field
 # through object.__setattr__ (Reply: 1.2 µs a construction, against 0.4 µs), and these are built
 # several times a request. They are still never changed once built.
@@ -86,16 +94,19 @@ class Reply:
     when the answer is not one item per call: a failure, or a refusal of the whole request).
     ``refusal``: (code, message) of the gateway's own error, written under the null id until the
     request path puts each call's id in (:func:`.guard.addressed`). ``refused``: the methods of
-    the batch items the gateway refused itself (for the access log).
+    the batch items the gateway refused itself (for the access log). ``cache``: how the cache
+    took part (:data:`CACHE_STATUSES`); ``upstream_ms``: how long the answering node took (None
+    when no node answered).
     """
 
     __slots__ = ("status", "body", "headers", "backend", "outcome", "attempts", "methods", "batch", "items",
-                 "refusal", "refused")
+                 "refusal", "refused", "cache", "upstream_ms")
 
     def __init__(self, status: int, body: bytes, headers: HeaderPairs = JSON_HEADERS, backend: Backend | None = None,
                  outcome: str = "rejected", attempts: int = 0, methods: tuple[str, ...] = (),
                  batch: int | None = None, items: list[Any] | None = None,
-                 refusal: tuple[int, str] | None = None, refused: tuple[str, ...] = ()):
+                 refusal: tuple[int, str] | None = None, refused: tuple[str, ...] = (), cache: str = "none",
+                 upstream_ms: float | None = None):
         self.status = status
         self.body = body
         self.headers = headers
@@ -108,20 +119,23 @@ class Reply:
         self.items = items
         self.refusal = refusal
         self.refused = refused
+        self.cache = cache
+        self.upstream_ms = upstream_ms
 
     def described(self, methods: tuple[str, ...], batch: int | None, refused: tuple[str, ...] = ()) -> Reply:
         """The same reply, for a request of these calls (metrics and the access log count them)."""
         return Reply(self.status, self.body, self.headers, self.backend, self.outcome, self.attempts, methods, batch,
-                     refusal=self.refusal, refused=refused)
+                     refusal=self.refusal, refused=refused, cache=self.cache, upstream_ms=self.upstream_ms)
 
     def readdressed(self, body: bytes) -> Reply:
         """The same refusal, its body written under the callers' ids."""
         return Reply(self.status, body, self.headers, self.backend, self.outcome, self.attempts, self.methods,
-                     self.batch, refused=self.refused)
+                     self.batch, refused=self.refused, cache=self.cache, upstream_ms=self.upstream_ms)
 
     def with_headers(self, extra: HeaderPairs) -> Reply:
         return Reply(self.status, self.body, self.headers + extra, self.backend, self.outcome, self.attempts,
-                     self.methods, self.batch, refusal=self.refusal, refused=self.refused)
+                     self.methods, self.batch, refusal=self.refusal, refused=self.refused, cache=self.cache,
+                     upstream_ms=self.upstream_ms)
 
     def __repr__(self) -> str:
         return (f"Reply({self.status}, {self.body[:200]!r}, outcome={self.outcome!r}, attempts={self.attempts}, "
@@ -142,15 +156,16 @@ def error_reply(status: int, code: int, message: str, outcome: str = "rejected",
 
 #: The request headers worth passing on to a node, in the order they are sent; the rest
 #: (hop-by-hop, cookies, host, credentials) stay with us. Not Content-Encoding: the body goes as
-#: the guard decoded and validated it.
-FORWARDED_HEADERS = (b"content-type", b"accept-encoding", b"user-agent")
+#: the guard decoded and validated it. The W3C trace context only when valid (ops/tracing.py).
+FORWARDED_HEADERS = (b"content-type", b"accept-encoding", b"user-agent", b"traceparent", b"tracestate")
 _IDENTITY = (b"accept-encoding", b"identity")
 
 
 def forwarded_headers(headers: Mapping[bytes, bytes], request_id: bytes, plain: bool) -> HeaderPairs:
     """What a node gets of the caller's headers, with the request id. ``plain``: the gateway
     wrote the body itself, so it goes uncompressed, and the answer must come back uncompressed
-    to be taken apart."""
+    to be taken apart. A caller's traceparent (and tracestate) goes on as sent when valid; with
+    tracing on, each attempt replaces it with its own span (:meth:`.tracing.AttemptSpan.headers`)."""
     get = headers.get
     content_type = get(b"content-type")
     pairs: list[tuple[bytes, bytes]] = [] if content_type is None else [(b"content-type", content_type)]
@@ -163,6 +178,11 @@ def forwarded_headers(headers: Mapping[bytes, bytes], request_id: bytes, plain: 
     agent = get(b"user-agent")
     if agent is not None:
         pairs.append((b"user-agent", agent))
+    traceparent = get(b"traceparent")
+    if traceparent is not None:
+        trace = trace_context(traceparent, get(b"tracestate"))
+        if trace is not None:
+            pairs.extend(trace.pairs())
     pairs.append((b"x-request-id", request_id))
     return tuple(pairs)
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from sentinel_proxy.core import agreement, scoring
 from sentinel_proxy.core.cache_policy import finalized_tip
 from sentinel_proxy.ops.logs import observer
+from sentinel_proxy.state.events import Transition
 
 if TYPE_CHECKING:
     from sentinel_proxy.core.integrity import IntegrityVerdict
@@ -170,6 +171,8 @@ class Backend:
                                             repr=False)
     total_requests: int = 0
     total_errors: int = 0
+    #: Attempts answered: how many of ``answer_latency`` are new since a history sample.
+    answered: int = 0
     priority: int = 0
 
     def __post_init__(self) -> None:
@@ -232,6 +235,27 @@ def _backends(entries: Iterable[BackendEntry]) -> list[Backend]:
 
 
 @dataclass(frozen=True, slots=True)
+class _View:
+    """How a node was routed at the pool's last rebuild: its transitions are the differences."""
+
+    #: None until the first health check.
+    healthy: bool | None
+    #: Quarantine kinds but "diverged": a divergence is a transition of its own.
+    quarantine: frozenset[str]
+    divergence: agreement.Divergence | None
+    drained: bool
+
+
+_UNSEEN = _View(None, frozenset(), None, False)
+
+
+def _view(backend: Backend) -> _View:
+    return _View(backend.healthy if backend.last_check is not None else None,
+                 frozenset(kind for kind in backend.quarantine if kind != "diverged"), backend.divergence,
+                 backend.drained)
+
+
+@dataclass(frozen=True, slots=True)
 class Pick:
     backend: Backend | None
     #: Why a less trusted node was chosen ("integrity"), or None for a preferred one.
@@ -248,6 +272,9 @@ class BackendPool:
         self._breaker_policy = scoring.BreakerPolicy()
         #: Called with (backend, new state) on every breaker transition: metrics and logs.
         self.on_breaker_change: Callable[[Backend, str], None] | None = None
+        #: Called with every routing transition (state/events.py): the dashboard's timeline.
+        self.on_transition: Callable[[Transition], None] | None = None
+        self._seen: dict[Backend, _View] = {}
         self.backends: tuple[Backend, ...] = tuple(_backends(urls))
         self.set_breaker_policy(self._breaker_policy)
         self._tiers: dict[str, tuple[list[Backend], list[Backend]]] = {}
@@ -312,13 +339,15 @@ class BackendPool:
 
     def _rebuild(self) -> None:
         """Precompute each route's preferred and fallback candidates, so picking stays cheap."""
+        # No fallback warning while a node awaits its first verdict: at start the verdicts arrive one
+        # by one, and a node judged first, on its own, is no reason to warn.
+        judged = all(b.verdict is not None for b in self.backends if b.eligible)
         for route, wanted in ROUTES.items():
             eligible = [b for b in self.backends if b.eligible and (not wanted or b.node_type == wanted)]
             preferred = [b for b in eligible if b.trusted]
             fallback = [b for b in eligible if not b.trusted]
             self._tiers[route] = (preferred, fallback)
-            checked = any(b.verdict is not None for b in fallback)  # not merely starting up
-            if not preferred and fallback and checked and route not in self._falling_back:
+            if not preferred and fallback and judged and route not in self._falling_back:
                 self._falling_back.add(route)
                 log.warn("no node with a good integrity verdict on {route}: serving from {nodes} as a fallback",
                          route=route, nodes=", ".join(f"{b.name} ({b.verdict.status if b.verdict else 'unchecked'})"
@@ -326,6 +355,60 @@ class BackendPool:
             elif preferred and route in self._falling_back:
                 self._falling_back.discard(route)
                 log.info("nodes with a good integrity verdict are back on {route}", route=route)
+        self._note_transitions()
+
+    def _note_transitions(self) -> None:
+        """Tell the listener (and the log, once each) how the nodes' routing changed since the
+        last rebuild. Health changes are logged by the health check, which knows why, and breaker
+        changes by ``on_breaker_change``: here they only reach the listener."""
+        seen = {}
+        for backend in self.backends:
+            now = seen[backend] = _view(backend)
+            was = self._seen.get(backend, _UNSEEN)
+            if now != was:
+                self._compare(backend, was, now)
+        self._seen = seen
+
+    def _compare(self, backend: Backend, was: _View, now: _View) -> None:
+        name = backend.name
+        if now.healthy is not None and now.healthy != was.healthy:
+            self._emit(Transition(name, "up", f"{name} up at block {backend.block_number}") if now.healthy
+                       else Transition(name, "down", f"{name} down: {backend.last_error or 'no answer'}"))
+        added = now.quarantine - was.quarantine
+        if added:
+            reason = "; ".join(backend.quarantine[kind] for kind in sorted(added))
+            self._emit(Transition(name, "quarantined", f"{name} quarantined: {reason}"),
+                       LogLevel.warn if "chain" in added else LogLevel.info,
+                       "backend {backend} quarantined: {reason}", reason=reason, kinds=sorted(added))
+        elif was.quarantine and not now.quarantine and now.healthy:
+            cleared = ", ".join(sorted(was.quarantine))
+            self._emit(Transition(name, "recovered", f"{name} recovered: {cleared} quarantine lifted"),
+                       LogLevel.info, "backend {backend} recovered: its {cleared} quarantine is lifted",
+                       cleared=cleared, kinds=sorted(was.quarantine))
+        if now.divergence is not None and was.divergence is None:
+            divergence = now.divergence
+            self._emit(Transition(name, "diverged", f"{name} diverged: {divergence.reason()}"), LogLevel.warn,
+                       "backend {backend} diverged from the majority: {reason}", reason=divergence.reason(),
+                       height=divergence.height, hash=divergence.value, majority=divergence.majority,
+                       kind=divergence.kind)
+        elif now.divergence is None and was.divergence is not None:
+            height = max((m.height for m in self.agreement.majorities), default=was.divergence.height)
+            self._emit(Transition(name, "agrees", f"{name} agrees with the majority again at block {height}"),
+                       LogLevel.info, "backend {backend} agrees with the majority again at block {height}",
+                       height=height)
+        if now.drained != was.drained:
+            action = "drained" if now.drained else "undrained"
+            self._emit(Transition(name, action, f"{name} {action} by an operator"), LogLevel.info,
+                       "backend {backend} {action} by an operator", action=action)
+
+    def _emit(self, transition: Transition, level: LogLevel | None = None, format: str = "",
+              **fields: Any) -> None:
+        """Hand ``transition`` to the listener; with a ``level``, log it as one event whose
+        ``transition`` field names its kind."""
+        if level is not None:
+            log.emit(level, format, transition=transition.kind, backend=transition.node, **fields)
+        if self.on_transition is not None:
+            self.on_transition(transition)
 
     def candidates(self, route: str) -> list[Backend]:
         preferred, fallback = self._tiers[route]
@@ -383,8 +466,6 @@ class BackendPool:
 
     def drain(self, backend: Backend, drained: bool) -> None:
         backend.drained = drained
-        log.info("backend {backend} {action} by an operator", backend=backend.name,
-                 action="drained" if drained else "undrained")
         self._rebuild()
 
     def set_max_lag(self, max_block_lag: int) -> None:
@@ -400,6 +481,7 @@ class BackendPool:
     def _breaker_changed(self, backend: Backend, state: str) -> None:
         if self.on_breaker_change is not None:
             self.on_breaker_change(backend, state)
+        self._emit(Transition(backend.name, "breaker", f"{backend.name} circuit breaker {state}"))
 
     def hedge_delay(self, route: str) -> float | None:
         """The lowest p95 latency (ms) among the route's nodes: if the first node has not answered
@@ -497,17 +579,9 @@ class BackendPool:
         before = self.agreement
         self.agreement = agreement.analyse(reports, previous, before.contested)
         for backend in self.backends:
-            was, now = backend.divergence, self.agreement.diverged.get(backend.name)
-            backend.divergence = now
-            if now is None:
-                if was is not None:
-                    log.info("backend {backend} agrees with the majority again at block {height}", backend=backend.name,
-                             height=max((m.height for m in self.agreement.majorities), default=was.height))
-                continue
-            backend.quarantine["diverged"] = now.reason()
-            if was is None:
-                log.warn("backend {backend} diverged from the majority: {reason}", backend=backend.name,
-                         reason=now.reason(), height=now.height, hash=now.value, majority=now.majority, kind=now.kind)
+            backend.divergence = now = self.agreement.diverged.get(backend.name)
+            if now is not None:  # the transition is logged when the routes are rebuilt
+                backend.quarantine["diverged"] = now.reason()
         contest = self.agreement.contested
         if contest is not None and before.contested is None:
             log.warn("nodes disagree and no majority decides: {reason}; nothing becomes immutable in the cache "
@@ -548,6 +622,7 @@ class BackendPool:
         if attempt == "answered":
             if latency_ms is not None:
                 backend.answer_latency.append(latency_ms)
+                backend.answered += 1
             backend.breaker.record(True, now)
         elif attempt == "failed":
             backend.breaker.record(False, now)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sentinel_proxy.core.agreement import parse_tips
 from sentinel_proxy.state.backends import Backend, BackendPool
+from sentinel_proxy.state.events import Timeline
 
 #: What Go's zero ``time.Time`` marshals to: the prototype's ``lastCheck`` before any check.
 NEVER = "0001-01-01T00:00:00Z"
@@ -19,15 +20,33 @@ NEVER = "0001-01-01T00:00:00Z"
 
 @dataclass(slots=True)
 class RequestTotals:
-    """Gateway-wide request counts shown under ``metrics`` in /health."""
+    """Gateway-wide request counts: ``requests`` and ``errors`` (any status >= 400) under ``metrics``
+    in /health, as the prototype counted them; the dashboard tells the callers' errors (4xx: bad
+    requests, refused keys, rate limits; and batch items refused) from the nodes' and the gateway's
+    (5xx), since a caller's mistakes say nothing about the fleet."""
 
     requests: int = 0
     errors: int = 0
+    caller_errors: int = 0
+    rate_limited: int = 0
+    refused_calls: int = 0
+    node_errors: int = 0
 
-    def record(self, status: int) -> None:
+    def record(self, status: int, refused_calls: int = 0) -> None:
         self.requests += 1
+        self.refused_calls += refused_calls
         if status >= 400:
             self.errors += 1
+            if status >= 500:
+                self.node_errors += 1
+            else:
+                self.caller_errors += 1
+                if status == 429:
+                    self.rate_limited += 1
+
+    def to_json(self) -> dict[str, int]:
+        return {"requests": self.requests, "callerErrors": self.caller_errors, "rateLimited": self.rate_limited,
+                "refusedCalls": self.refused_calls, "nodeErrors": self.node_errors}
 
 
 def rfc3339(timestamp: float | None) -> str:
@@ -143,3 +162,38 @@ def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> 
             "errorRate": round(totals.errors / totals.requests, 6) if totals.requests else 0.0,
         },
     }
+
+
+_SINCE = {"drained": frozenset({"drained"}), "down": frozenset({"down"}),
+          "quarantined": frozenset({"quarantined", "diverged"})}
+
+
+def traffic_note(backend: Backend, timeline: Timeline) -> dict[str, Any] | None:
+    """Why a node gets no traffic, or only fallback traffic, in one sentence, with since when
+    (``since``: epoch seconds, None when the timeline does not reach back that far); None for a
+    node that takes its share."""
+    routing = backend.routing
+    if routing == "drained":
+        text = "no traffic: drained by an operator"
+    elif routing == "down":
+        text = "no traffic: down" + (f" ({backend.last_error})" if backend.last_error else "")
+    elif routing == "quarantined":
+        text = "no traffic: quarantined: " + "; ".join(backend.quarantine.values())
+    elif backend.breaker.state == "open":
+        opened = backend.breaker.transitions[-1][0] if backend.breaker.transitions else None
+        return {"text": "no traffic: circuit breaker open", "since": opened}
+    elif backend.breaker.state == "half-open":
+        return {"text": "probing: circuit breaker half-open, a few calls test the node", "since": None}
+    elif routing == "fallback":
+        verdict = backend.verdict
+        if verdict is None:
+            why = "integrity not checked yet (no verdict yet)"
+        elif verdict.status == "unverified":
+            why = "integrity 'unverified'" + (f" ({verdict.findings[0]})" if verdict.findings else "")
+        else:
+            why = f"integrity '{verdict.status}' (score {verdict.score})"
+        return {"text": f"fallback: {why}; traffic only when no trusted node can take it",
+                "since": None}
+    else:
+        return None
+    return {"text": text, "since": timeline.since(backend.name, _SINCE[routing])}

@@ -17,6 +17,7 @@ from twisted.web.static import File
 from sentinel_proxy.ops.admin import Admin
 from sentinel_proxy.ops.metrics import Metrics
 from sentinel_proxy.state.backends import BackendPool
+from sentinel_proxy.state.history import History
 from sentinel_proxy.state.status import RequestTotals, health_document, readiness
 from sentinel_proxy.web.assets import STATIC_DIR, StaticFiles
 from sentinel_proxy.web.auth import Access, Refusal
@@ -39,8 +40,10 @@ class GatewayApp:
     app = Klein()
 
     def __init__(self, pool: BackendPool, metrics: Metrics, totals: RequestTotals, clock: IReactorTime,
-                 admin: Admin, access: Access, draining: Callable[[], bool]):
-        """``draining``: whether graceful shutdown has begun (then /ready answers 503 at once)."""
+                 admin: Admin, access: Access, draining: Callable[[], bool], history: History | None = None):
+        """``draining``: whether graceful shutdown has begun (then /ready answers 503 at once);
+        ``history``: what /dashboard/history serves (None: that route answers 404)."""
+        self._history = history
         self._pool = pool
         self._metrics = metrics
         self._totals = totals
@@ -111,6 +114,18 @@ class GatewayApp:
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/html; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
         return (STATIC_DIR / "dashboard.html").read_bytes()
+
+    @app.route("/dashboard/history", methods=["GET"])
+    def history(self, request: Request) -> bytes:
+        """The dashboard's charts and timeline: what this process knows (with --workers, the worker
+        that answers), behind PROTECT_STATUS as /health is."""
+        refused = self._refused(request, for_status=True)
+        if refused is not None:
+            return refused
+        if self._history is None:
+            request.setResponseCode(404)
+            return _json(request, {"error": "no history in this gateway"})
+        return _json(request, self._history.document())
 
     @app.route("/static/", branch=True, methods=["GET"])
     def static(self, request: Request) -> File:

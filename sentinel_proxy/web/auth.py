@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.web.server import Request
 
+from sentinel_proxy.ops.tracing import trace_context
 from sentinel_proxy.proxy.values import Caller
 from sentinel_proxy.settings import Settings
 from sentinel_proxy.stores.ratelimit import client_ip
@@ -57,17 +58,20 @@ def caller_from(peer: str, headers: Mapping[bytes, bytes], query: bytes = b"",
 
     The address is the peer's, or X-Forwarded-For's client when the peer is a trusted proxy
     (:func:`~sentinel_proxy.stores.ratelimit.client_ip`); the API key is ``X-API-Key``'s, else
-    ``?key=``'s. Pure, so the lean server (web/server.py) and twisted.web requests share it.
+    ``?key=``'s; the trace context is a valid W3C ``traceparent`` (an invalid one is ignored, not
+    refused). Pure, so the lean server (web/server.py) and twisted.web requests share it.
     """
     forwarded = headers.get(b"x-forwarded-for")
     address = peer if forwarded is None else client_ip(peer, [forwarded], trusted_proxies)
     key = headers.get(b"x-api-key") or (query_value(query, b"key") if query else None)
+    traceparent = headers.get(b"traceparent")
     return Caller(request_id_from(headers.get(b"x-request-id")), address,
-                  key.decode("utf-8", "replace") if key is not None else None)
+                  key.decode("utf-8", "replace") if key is not None else None,
+                  None if traceparent is None else trace_context(traceparent, headers.get(b"tracestate")))
 
 
 #: The headers :func:`caller_from` reads: all the twisted.web adapter copies out of a request.
-_CALLER_HEADERS = (b"x-request-id", b"x-forwarded-for", b"x-api-key")
+_CALLER_HEADERS = (b"x-request-id", b"x-forwarded-for", b"x-api-key", b"traceparent", b"tracestate")
 
 
 def caller_of(request: Request, trusted_proxies: Sequence[Any] = ()) -> Caller:

@@ -8,6 +8,12 @@
  * Test hooks: <tbody data-node="URL"> per backend, data-field="..." on its cells, and the epoch
  * strip data-field="epochs" whose children carry data-epoch and data-verdict. <body data-state>
  * is "loading", "live" or "stale".
+ *
+ * Every 10 s it also fetches `dashboard/history` (same token): the last hour per node, drawn as
+ * small SVG charts built here (no library), the timeline of routing changes, one sentence per node
+ * that gets no traffic or only fallback traffic, and the callers' errors apart from the nodes'.
+ * Hooks: <div data-history-node="NAME"> with <svg data-chart="height|lag|latency|errors|routing"
+ * data-points="N">, and <ol id="timeline"> whose items carry data-kind.
  */
 (function () {
   "use strict";
@@ -15,6 +21,11 @@
   var INTERVAL_MS = 2000;
   var TIMEOUT_MS = 5000;
   var HEALTH_URL = "health";
+  var HISTORY_URL = "dashboard/history";
+  var HISTORY_EVERY_MS = 10000;
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var CHART_W = 220, CHART_H = 44;
+  var ROUTING_CLASSES = { preferred: 1, fallback: 1, quarantined: 1, down: 1, drained: 1, "breaker-open": 1 };
   var ROUTING_STATES = ["preferred", "fallback", "quarantined", "down"];
   var VERDICTS = { VALID: 1, WARNING: 1, PARTIAL: 1, INVALID: 1 };
   var NEVER_PREFIX = "0001-01-01"; // Go's zero time: the node was never checked
@@ -25,6 +36,9 @@
   var lastDoc = null; // the last good answer, kept on screen while the gateway is unreachable
   var lastFailure = null; // {since: Date, reason: string}
   var table = null;
+  var historyRows = new Map(); // node name -> {box, note, charts}
+  var lastHistoryAt = 0; // Date.now() of the last history request
+  var notes = new Map(); // node name -> why it gets no (or only fallback) traffic, from the history
 
   // ---------- defensive readers ----------
 
@@ -184,13 +198,15 @@
     r.checked.dataset.field = "last-check";
     r.history = el("span", "note meta");
     r.history.dataset.field = "history";
+    r.why = el("span", "note why");
+    r.why.dataset.field = "why";
     r.findings = el("details", "findings");
     r.findings.dataset.field = "findings";
     r.findingsSummary = el("summary", "", "findings");
     r.findingsList = el("ul");
     r.findings.appendChild(r.findingsSummary);
     r.findings.appendChild(r.findingsList);
-    [r.quarantine, r.divergence, r.lastError, r.tips, r.chain, r.checked, r.history, r.findings].forEach(function (n) {
+    [r.why, r.quarantine, r.divergence, r.lastError, r.tips, r.chain, r.checked, r.history, r.findings].forEach(function (n) {
       notesTd.appendChild(n);
     });
     return r;
@@ -416,12 +432,9 @@
       : "no agreed finalized tip: nothing is cached as immutable");
 
     var metrics = obj(doc.metrics);
-    var requests = num(metrics.totalRequests), errors = num(metrics.totalErrors), rate = num(metrics.errorRate);
+    var requests = num(metrics.totalRequests);
     setText(field("total-requests"), fmtInt(requests));
     setAttr(field("total-requests"), "data-value", requests === null ? "" : String(requests));
-    setText(field("total-errors"), fmtInt(errors));
-    setText(field("error-rate"), rate === null ? "" : "(" + (rate * 100).toFixed(2) + " %)");
-    field("error-rate").classList.toggle("bad", rate !== null && rate > 0.01);
     setText(field("uptime"), fmtDuration(num(doc.uptime)));
     setText(field("refreshed"), fmtClock(receivedAt));
     document.title = "sentinel-proxy \u00b7 " + healthy.length + "/" + backends.length + " healthy";
@@ -452,6 +465,8 @@
         rows.set(key, r);
       }
       updateRow(r, b, now);
+      // A quarantine has its reasons on the line already.
+      showWhy(r, b.routing === "quarantined" ? "" : notes.get(str(b.name) || key) || "");
       ordered.push(r.body);
     });
     rows.forEach(function (r, key) {
@@ -521,7 +536,210 @@
     });
   }
 
+  // ---------- history: charts, timeline, notes ----------
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, String(attrs[k])); });
+    return node;
+  }
+
+  /** x of each sample over the chart's width, oldest at the left. */
+  function xs(at) {
+    var first = at.length ? at[0] : 0, last = at.length ? at[at.length - 1] : 0;
+    var span = last - first;
+    return at.map(function (t) { return span > 0 ? (t - first) / span * CHART_W : CHART_W; });
+  }
+
+  /** Polylines for each series (a gap where a value is null), scaled together. */
+  function lineChart(kind, at, series, unit) {
+    var chart = svg("svg", { viewBox: "0 0 " + CHART_W + " " + CHART_H, width: CHART_W, height: CHART_H,
+                             class: "chart", "data-chart": kind, role: "img", preserveAspectRatio: "none" });
+    var x = xs(at);
+    var values = [];
+    series.forEach(function (s) { s.values.forEach(function (v) { if (num(v) !== null) { values.push(v); } }); });
+    chart.setAttribute("data-points", String(values.length));
+    var lo = values.length ? Math.min.apply(null, values) : 0, hi = values.length ? Math.max.apply(null, values) : 1;
+    if (kind !== "height") { lo = Math.min(lo, 0); }
+    if (hi === lo) { hi = lo + 1; }
+    function y(v) { return (CHART_H - 3) - (v - lo) / (hi - lo) * (CHART_H - 6); }
+    series.forEach(function (s) {
+      var runs = [], run = [];
+      s.values.forEach(function (v, i) {
+        if (num(v) === null) { if (run.length) { runs.push(run); run = []; } return; }
+        run.push(x[i].toFixed(1) + "," + y(v).toFixed(1));
+      });
+      if (run.length) { runs.push(run); }
+      runs.forEach(function (points) {
+        if (points.length === 1) {
+          var xy = points[0].split(",");
+          chart.appendChild(svg("circle", { cx: xy[0], cy: xy[1], r: 1.8, class: "dot " + s.cls }));
+        } else {
+          chart.appendChild(svg("polyline", { points: points.join(" "), class: "line " + s.cls }));
+        }
+      });
+    });
+    var latest = series.map(function (s) {
+      var v = null;
+      for (var i = s.values.length - 1; i >= 0 && v === null; i--) { v = num(s.values[i]); }
+      return v;
+    });
+    var title = svg("title");
+    title.textContent = kind + ": " + (values.length ? "from " + lo + " to " + hi + unit : "no data yet");
+    chart.appendChild(title);
+    return { chart: chart, latest: latest };
+  }
+
+  /** One band per sample, coloured by how the node was routed. */
+  function routingChart(at, routing) {
+    var chart = svg("svg", { viewBox: "0 0 " + CHART_W + " 10", width: CHART_W, height: 10, class: "chart band",
+                             "data-chart": "routing", "data-points": routing.length, preserveAspectRatio: "none" });
+    var x = xs(at);
+    routing.forEach(function (state, i) {
+      var left = i === 0 ? 0 : (x[i - 1] + x[i]) / 2;
+      var right = i === routing.length - 1 ? CHART_W : (x[i] + x[i + 1]) / 2;
+      state = str(state);
+      var rect = svg("rect", { x: left.toFixed(1), y: 0, width: Math.max(0.5, right - left).toFixed(1), height: 10,
+                               class: "state " + (ROUTING_CLASSES[state] ? state : "unknown") });
+      var title = svg("title");
+      title.textContent = fmtClock(new Date(at[i] * 1000)) + " " + state;
+      rect.appendChild(title);
+      chart.appendChild(rect);
+    });
+    return chart;
+  }
+
+  function figure(label, chart, value) {
+    var box = el("figure", "mini");
+    var caption = el("figcaption", "");
+    caption.appendChild(el("span", "mini-label", label));
+    caption.appendChild(el("span", "mini-value num", value));
+    box.appendChild(caption);
+    box.appendChild(chart);
+    return box;
+  }
+
+  function fmtRate(v) { return v === null ? DASH : (v * 100).toFixed(v < 0.1 ? 1 : 0) + " %"; }
+  function noteText(note) {
+    note = isObj(note) ? note : null;
+    if (!note) { return ""; }
+    var since = num(note.since);
+    return str(note.text) + (since !== null ? " (since " + fmtClock(new Date(since * 1000)) + ")" : "");
+  }
+
+  function renderNodeHistory(container, node) {
+    var name = str(node.name);
+    var s = obj(node.series);
+    var at = arr(s.at).map(num);
+    var r = historyRows.get(name);
+    if (!r) {
+      r = { box: el("div", "history-node") };
+      r.box.dataset.historyNode = name;
+      r.title = el("div", "history-name", name);
+      r.note = el("div", "history-note");
+      r.note.dataset.field = "note";
+      r.charts = el("div", "charts");
+      r.box.appendChild(r.title);
+      r.box.appendChild(r.note);
+      r.box.appendChild(r.charts);
+      historyRows.set(name, r);
+    }
+    setAttr(r.box, "data-routing", str(node.routing));
+    var text = noteText(node.note);
+    setText(r.note, text);
+    r.note.hidden = text === "";
+    var height = lineChart("height", at, [{ values: arr(s.height), cls: "s-height" }], "");
+    var lag = lineChart("lag", at, [{ values: arr(s.lag), cls: "s-lag" }], " blocks");
+    var latency = lineChart("latency", at, [{ values: arr(s.p50), cls: "s-p50" }, { values: arr(s.p99), cls: "s-p99" }],
+                            " ms");
+    var errors = lineChart("errors", at, [{ values: arr(s.error_rate), cls: "s-errors" }], "");
+    r.charts.replaceChildren(
+      figure("block", height.chart, fmtPlain(height.latest[0])),
+      figure("lag", lag.chart, fmtPlain(lag.latest[0])),
+      figure("latency p50 / p99", latency.chart, fmtMs(latency.latest[0]) + " / " + fmtMs(latency.latest[1]) + " ms"),
+      figure("node errors", errors.chart, fmtRate(errors.latest[0])),
+      figure("routing", routingChart(at, arr(s.routing)), str(node.routing) || DASH));
+    notes.set(name, text);
+    var row = rows.get(name);
+    if (row) { showWhy(row, str(node.routing) === "quarantined" ? "" : text); }
+    return r.box;
+  }
+
+  function showWhy(row, text) {
+    setText(row.why, text);
+    setAttr(row.why, "data-value", text ? "note" : "");
+  }
+
+  function renderTimeline(events) {
+    var list = document.getElementById("timeline");
+    var items = arr(events).slice().reverse().map(function (e) {
+      e = obj(e);
+      var at = num(e.at);
+      var li = el("li", "event");
+      li.dataset.kind = str(e.kind);
+      li.appendChild(el("time", "mono", at === null ? DASH : fmtClock(new Date(at * 1000))));
+      li.appendChild(el("span", "event-text", str(e.text)));
+      return li;
+    });
+    if (!items.length) { items = [el("li", "empty", "No routing change yet.")]; }
+    list.replaceChildren.apply(list, items);
+  }
+
+  function renderTraffic(doc) {
+    var totals = obj(doc.totals);
+    var requests = num(totals.requests), nodeErrors = num(totals.nodeErrors), callerErrors = num(totals.callerErrors);
+    setText(field("node-errors"), fmtInt(nodeErrors));
+    var rate = requests ? nodeErrors / requests : null;
+    setText(field("node-error-rate"), rate === null ? "" : "(" + (rate * 100).toFixed(2) + " %)");
+    field("node-error-rate").classList.toggle("bad", rate !== null && rate > 0.01);
+    setText(field("caller-errors"), fmtInt(callerErrors));
+    var detail = [];
+    if (num(totals.rateLimited)) { detail.push(fmtInt(num(totals.rateLimited)) + " rate-limited"); }
+    if (num(totals.refusedCalls)) { detail.push(fmtInt(num(totals.refusedCalls)) + " calls refused"); }
+    setText(field("caller-detail"), detail.join(", "));
+    var traffic = obj(doc.traffic);
+    var at = arr(traffic.at).map(num);
+    var box = document.querySelector('[data-field="traffic"]');
+    box.replaceChildren(
+      figure("requests / interval", lineChart("requests", at, [{ values: arr(traffic.requests), cls: "s-height" }], "").chart,
+             ""),
+      figure("caller errors (4xx) / interval",
+             lineChart("caller-errors", at, [{ values: arr(traffic.caller_errors), cls: "s-caller" }], "").chart, ""),
+      figure("node errors (5xx) / interval",
+             lineChart("node-errors", at, [{ values: arr(traffic.node_errors), cls: "s-errors" }], "").chart, ""));
+  }
+
+  function renderHistory(doc) {
+    doc = obj(doc);
+    var container = document.querySelector('[data-field="history-nodes"]');
+    var seen = new Set();
+    var boxes = arr(doc.nodes).map(function (node) {
+      node = obj(node);
+      seen.add(str(node.name));
+      return renderNodeHistory(container, node);
+    });
+    historyRows.forEach(function (r, name) { if (!seen.has(name)) { historyRows.delete(name); notes.delete(name); } });
+    container.replaceChildren.apply(container, boxes);
+    var interval = num(doc.interval);
+    setText(headerField("history-scope"), interval === null ? "" : "one sample every " + interval +
+            " s, from the gateway process that answered");
+    renderTraffic(doc);
+    renderTimeline(doc.timeline);
+  }
+
+  function fetchHistory() {
+    lastHistoryAt = Date.now();
+    return fetch(HISTORY_URL, { cache: "no-store", credentials: "same-origin", headers: healthHeaders() })
+      .then(function (response) {
+        if (!response.ok) { throw new Error("HTTP " + response.status + " from " + HISTORY_URL); }
+        return response.json();
+      })
+      .then(renderHistory)
+      .catch(function () { lastHistoryAt = 0; }); // the health banner tells of an unreachable gateway
+  }
+
   function tick() {
+    if (Date.now() - lastHistoryAt >= HISTORY_EVERY_MS) { fetchHistory(); }
     fetchHealth().then(function (doc) {
       var now = new Date();
       render(doc, now, now);
