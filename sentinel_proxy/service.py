@@ -45,6 +45,9 @@ from sentinel_proxy.web.server import ClientLimits, LeanServerFactory
 from sentinel_proxy.web.site import GatewaySite, make_site
 
 log = Logger(observer=logs.observer)
+#: The least time a shared-state command may take (s): the prober's verdicts are larger than a
+#: cache entry, and nothing waits on them but the fleet's own round.
+FLEET_TIMEOUT = 0.5
 
 
 class Gateway(MultiService):
@@ -79,6 +82,8 @@ class Gateway(MultiService):
     workers: Any = None
     #: The worker that started the others (--workers, worker 0), else None.
     leader: LeaderService | None = None
+    #: With SHARED_STATE, worker 0's fleet service (sentinel_proxy/fleet/service.py), else None.
+    fleet: Any = None
     #: True from the very start of a shutdown: /ready answers 503 while the drain lets load
     #: balancers notice (DRAIN_DELAY_MS) and the last requests finish.
     draining = False
@@ -213,7 +218,8 @@ def make_checks(settings: Settings, pool: BackendPool, agent: PooledAgent, metri
 def _add_node_state(gateway: Gateway, settings: Settings, reactor: Any) -> None:
     """Worker 0 (the only one without --workers) runs the demo nodes and the checks; the others
     follow its node state, its drains and every worker's breaker openings, and all count into one
-    set of metrics (sentinel_proxy/ops/workers.py)."""
+    set of metrics (sentinel_proxy/ops/workers.py). With SHARED_STATE, worker 0 runs the checks only
+    while its gateway probes for the fleet, and carries the fleet's state to and from its workers."""
     gateway.workers = None
     if worker_number() != 0:
         follower = FollowerService(gateway.pool, gateway.metrics, reactor, worker_number())
@@ -226,15 +232,48 @@ def _add_node_state(gateway: Gateway, settings: Settings, reactor: Any) -> None:
 
         gateway.demo = DemoNodesService(gateway.pool, settings, reactor)
         gateway.demo.setServiceParent(gateway)
-    gateway.health.setServiceParent(gateway)
-    gateway.integrity.setServiceParent(gateway)
+    if settings.shared_state:
+        gateway.fleet = make_fleet(gateway, settings, reactor)  # it runs the checks while it holds the lease
+        gateway.fleet.setServiceParent(gateway)
+    else:
+        gateway.health.setServiceParent(gateway)
+        gateway.integrity.setServiceParent(gateway)
     if settings.workers > 1:
         leader = LeaderService(settings.workers, gateway.pool, gateway.metrics, reactor,
                                (settings.drain_delay_ms + settings.shutdown_grace_ms) / 1000.0)
         leader.setServiceParent(gateway)
         gateway.leader = leader
         gateway.workers = leader.link
-        gateway.pool.on_breaker_change = partial(_breaker_changed, gateway.metrics, workers=leader.link)
+    links = [link for link in (gateway.workers, gateway.fleet) if link is not None]
+    if links:
+        gateway.pool.on_breaker_change = partial(_breaker_changed, gateway.metrics, workers=_Links(links))
+
+
+class _Links:
+    """The workers' link and the fleet: both carry this process's breaker openings to the others."""
+
+    def __init__(self, links: list[Any]):
+        self._links = links
+
+    def breaker_changed(self, backend: Backend, state: str) -> None:
+        for link in self._links:
+            link.breaker_changed(backend, state)
+
+
+def make_fleet(gateway: Gateway, settings: Settings, reactor: Any) -> Any:
+    """SHARED_STATE (sentinel_proxy/fleet/): the checks run only while this gateway holds the fleet's
+    lease; their verdicts, the drains and the breaker openings travel through Redis. A FleetService."""
+    from sentinel_proxy.fleet.codec import fleet_id
+    from sentinel_proxy.fleet.service import FleetService
+    from sentinel_proxy.fleet.store import FleetStore
+    from sentinel_proxy.stores.redis_link import RedisLink  # txredisapi installs the default reactor: import late
+
+    link = RedisLink(settings.shared_state, reactor, max(settings.redis_timeout_ms / 1000.0, FLEET_TIMEOUT),
+                     role="shared state Redis", outage="running this gateway's own checks")
+    store = FleetStore(link, fleet_id([b.url for b in gateway.pool.backends]))
+    return FleetService(gateway.pool, (gateway.health, gateway.integrity), store, reactor,
+                        interval=lambda: gateway.settings.health_check_interval_ms / 1000.0,
+                        cooldown=lambda: gateway.settings.breaker_cooldown_ms / 1000.0, close=link.close)
 
 
 def make_web(gateway: Gateway, reactor: Any) -> tuple[GatewaySite, LeanServerFactory]:

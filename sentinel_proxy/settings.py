@@ -150,6 +150,20 @@ def _store(raw: str) -> str:
     return text
 
 
+def _shared_state(raw: str) -> str:
+    """off, or the redis:// URL of the Redis the gateways of one fleet share their node state through."""
+    text = raw.strip()
+    if text.lower() in ("", "off"):
+        return ""
+    from sentinel_proxy.stores.cache_address import parse_redis_url
+
+    try:
+        parse_redis_url(text)
+    except ValueError as exc:
+        raise ValueError(f"{raw!r} is not off or a redis:// URL ({exc})") from None
+    return text
+
+
 _PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9]*_(\*|[A-Za-z0-9_]+)\Z")
 
 
@@ -327,6 +341,10 @@ class Settings:
     api_key_rate: int = setting("API_KEY_RATE", "200", _integer(1), reload=True,
         help="tokens per second per API key")
     api_key_burst: int = setting("API_KEY_BURST", "2000", _integer(1), reload=True, help="bucket size per API key")
+    shared_state: str = setting("SHARED_STATE", "off", _shared_state,
+        help="redis://host:port/db shared by every gateway of a fleet (and their workers): node verdicts, "
+             "drains, breaker openings and the finalized tip, with one prober per fleet holding a lease; "
+             "off: each gateway checks the nodes itself")
     cache: str = setting("CACHE", "memory", _store,
         help="response cache: off, memory, or redis://host:port/db (shared by several gateways)")
     cache_size_mb: int = setting("CACHE_SIZE_MB", "64", _integer(1), help="size of the in-memory cache, in MB")

@@ -18,7 +18,8 @@ second, tests/test_workers_shared.py). Metrics are one set for the gateway throu
 prometheus_client's multiprocess files (ops/shared_metrics.py), in a directory the leader makes,
 hands to its followers in :data:`METRICS_ENV`, and removes when it stops. Cache entries are
 shared only through Redis (``CACHE=redis://…``); a memory rate limit is refused with more than one
-worker (config.py), since each worker would allow the whole rate.
+worker (config.py), since each worker would allow the whole rate. With SHARED_STATE the leader's
+node state is the fleet's (sentinel_proxy/fleet/), and its publications carry the fleet view too.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ class LeaderLink(_Link):
         """The next publication (it takes the openings it carries)."""
         opened, self._opened = self._opened, []
         return {"pool": self._pool.snapshot(), "drained": [b.url for b in self._pool.backends if b.drained],
-                "acks": dict(self._acks), "opened": opened}
+                "acks": dict(self._acks), "opened": opened, "fleet": self._pool.fleet}
 
     def received(self, number: int, line: bytes) -> None:
         """One message line from follower ``number``."""
@@ -192,6 +193,7 @@ class FollowerLink(_Link):
         if [url for _, url in entries] != [b.url for b in self._pool.backends]:
             self._pool.replace(entries)
         self._pool.apply(snapshot)
+        self._pool.fleet = state.get("fleet")
         if state["acks"].get(self._number, 0) >= self._sent:
             drained = set(state["drained"])
             for backend in self._pool.backends:

@@ -52,6 +52,11 @@ class LatencyWindow:
         return self._total / len(self._samples) if self._samples else 0.0
 
     @property
+    def samples(self) -> list[float]:
+        """The window, oldest first: what another gateway needs to rebuild it (fleet/codec.py)."""
+        return list(self._samples)
+
+    @property
     def minimum(self) -> float:
         return min(self._samples) if self._samples else 0.0
 
@@ -274,6 +279,9 @@ class BackendPool:
         self.on_breaker_change: Callable[[Backend, str], None] | None = None
         #: Called with every routing transition (state/events.py): the dashboard's timeline.
         self.on_transition: Callable[[Transition], None] | None = None
+        #: With SHARED_STATE, the fleet view /health shows (fleet/service.py sets it; --workers
+        #: followers get the leading worker's); None without a fleet.
+        self.fleet: dict[str, Any] | None = None
         self._seen: dict[Backend, _View] = {}
         self.backends: tuple[Backend, ...] = tuple(_backends(urls))
         self.set_breaker_policy(self._breaker_policy)

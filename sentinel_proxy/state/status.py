@@ -161,6 +161,7 @@ def health_document(pool: BackendPool, totals: RequestTotals, uptime: float) -> 
             "totalErrors": totals.errors,
             "errorRate": round(totals.errors / totals.requests, 6) if totals.requests else 0.0,
         },
+        **({"fleet": dict(pool.fleet)} if pool.fleet is not None else {}),
     }
 
 

@@ -431,6 +431,8 @@
       : finalizedTip !== null ? "agreed by a majority of the healthy nodes that agree on their hashes"
       : "no agreed finalized tip: nothing is cached as immutable");
 
+    renderFleet(doc.fleet);
+
     var metrics = obj(doc.metrics);
     var requests = num(metrics.totalRequests);
     setText(field("total-requests"), fmtInt(requests));
@@ -438,6 +440,22 @@
     setText(field("uptime"), fmtDuration(num(doc.uptime)));
     setText(field("refreshed"), fmtClock(receivedAt));
     document.title = "sentinel-proxy \u00b7 " + healthy.length + "/" + backends.length + " healthy";
+  }
+
+  /** SHARED_STATE's view: this gateway's role and which instance probes (no tile without a fleet). */
+  function renderFleet(fleet) {
+    var tile = field("fleet-tile");
+    tile.hidden = !isObj(fleet);
+    if (!isObj(fleet)) { return; }
+    var role = str(fleet.role) || "unknown";
+    var pill = field("fleet-role");
+    setText(pill, role);
+    setAttr(pill, "data-value", role);
+    var prober = field("fleet-prober");
+    setText(prober, role === "prober" ? "this gateway probes (token " + fmtPlain(num(fleet.token)) + ")"
+      : role === "alone" ? "Redis " + str(fleet.redis) + ": checking the nodes itself"
+      : "prober: " + str(fleet.prober));
+    setAttr(prober, "title", "this gateway: " + str(fleet["this"]) + "; prober: " + str(fleet.prober));
   }
 
   /** Draws `doc` (received at `receivedAt`); `now` only moves the "… ago" texts on. */
