@@ -89,6 +89,8 @@ def method_label(method: str) -> str:
 
 def method_class(calls: Sequence[str]) -> str:
     """The ``method_class`` of an attempt carrying these calls (see :data:`METHOD_CLASSES`)."""
+    if len(calls) == 1:  # the usual attempt (the Aztec client sends batches of one)
+        return _CLASSES.get(calls[0], OTHER_METHOD)
     if not calls:
         return OTHER_METHOD
     classes = _CLASSES
