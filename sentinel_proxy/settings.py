@@ -352,6 +352,9 @@ class Settings:
         help="how long volatile answers (tips, block number, fees) are kept, in ms; below one block time")
     redis_timeout_ms: int = setting("REDIS_TIMEOUT_MS", "100", _integer(1),
         help="deadline of every Redis call, in ms: a slow or absent Redis is a cache miss, never an error")
+    error_budget_percent: int = setting("ERROR_BUDGET_PERCENT", "5", _integer(1, 100), reload=True,
+        help="share of requests that may fail at the nodes (502, timeout) before SentinelHighErrorRate fires, in "
+             "percent; exported as sentinel_proxy_error_budget_ratio, which the alert rule compares against")
     max_in_flight: int = setting("MAX_IN_FLIGHT", "1024", _integer(1), reload=True,
         help="requests handled at once; beyond it callers get a fast 503 with Retry-After instead of a queue")
     max_response_bytes: int = setting("MAX_RESPONSE_BYTES", "33554432", _integer(1),

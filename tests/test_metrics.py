@@ -79,6 +79,9 @@ class Reference:
         self.max_in_flight = Gauge("sentinel_proxy_max_in_flight", "MAX_IN_FLIGHT: requests in flight past which "
                                    "callers get 503 (with --workers, summed over the workers like "
                                    "sentinel_proxy_in_flight_requests)", registry=r)
+        self.error_budget = Gauge("sentinel_proxy_error_budget_ratio", "ERROR_BUDGET_PERCENT as a ratio: the share "
+                                  "of requests that may fail at the nodes before SentinelHighErrorRate fires",
+                                  registry=r)
         self.check_interval = Gauge("sentinel_proxy_check_interval_seconds", "HEALTH_CHECK_INTERVAL_MS and "
                                     "INTEGRITY_CHECK_INTERVAL_MS, in seconds", ["check"], registry=r)
         r.register(PoolCollector(pool))
@@ -148,6 +151,7 @@ class Reference:
 
     def configure(self, settings):
         self.max_in_flight.set(settings.max_in_flight)
+        self.error_budget.set(settings.error_budget_percent / 100.0)
         self.check_interval.labels("health").set(settings.health_check_interval_ms / 1000.0)
         self.check_interval.labels("integrity").set(settings.integrity_check_interval_ms / 1000.0)
 
@@ -223,6 +227,7 @@ def feed(targets, clock, pool, rounds: int, seed: int = 7) -> None:
         state = rng.choice(("open", "half-open", "closed"))
         check = rng.choice(("health", "integrity"))
         limits = SimpleNamespace(max_in_flight=rng.randint(1, 5000), health_check_interval_ms=2500,
+                                 error_budget_percent=rng.randint(1, 100),
                                  integrity_check_interval_ms=rng.randint(1, 10 ** 6))
         clock.advance(1.5)
         for target in targets:
@@ -384,13 +389,15 @@ def test_build_info_and_the_settings_the_alerts_compare_against():
     metrics = Metrics(trusted_pool(1))
     assert sample(metrics, "sentinel_proxy_build_info", version=__version__) == 1
     metrics.configure(SimpleNamespace(max_in_flight=64, health_check_interval_ms=2500,
-                                      integrity_check_interval_ms=60000))
+                                      integrity_check_interval_ms=60000, error_budget_percent=5))
     assert sample(metrics, "sentinel_proxy_max_in_flight") == 64
     assert sample(metrics, "sentinel_proxy_check_interval_seconds", check="health") == 2.5
     assert sample(metrics, "sentinel_proxy_check_interval_seconds", check="integrity") == 60.0
+    assert sample(metrics, "sentinel_proxy_error_budget_ratio") == 0.05
     metrics.configure(SimpleNamespace(max_in_flight=8, health_check_interval_ms=1000,
-                                      integrity_check_interval_ms=60000))  # a reload
+                                      integrity_check_interval_ms=60000, error_budget_percent=20))  # a reload
     assert sample(metrics, "sentinel_proxy_max_in_flight") == 8
+    assert sample(metrics, "sentinel_proxy_error_budget_ratio") == 0.2
 
 
 def test_a_check_last_succeeded_when_it_last_passed():

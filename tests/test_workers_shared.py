@@ -94,7 +94,8 @@ def test_per_process_values_combine_into_the_gateways(tmp_path):
     CPU, open files, in-flight capacity), else one worker's value (limits, start, version, intervals)."""
     pool = trusted_pool(2)
     workers = Metrics(pool), Metrics(pool)
-    limits = SimpleNamespace(max_in_flight=64, health_check_interval_ms=2500, integrity_check_interval_ms=60000)
+    limits = SimpleNamespace(max_in_flight=64, health_check_interval_ms=2500, integrity_check_interval_ms=60000,
+                             error_budget_percent=5)
     for metrics, pid in zip(workers, (1001, 1002)):
         metrics.configure(limits)
         metrics.share(str(tmp_path), pid)
@@ -106,6 +107,7 @@ def test_per_process_values_combine_into_the_gateways(tmp_path):
     assert total(seen, "sentinel_proxy_build_info", version=__version__) == 1
     assert total(seen, "sentinel_proxy_max_in_flight") == 128, "the gateway's capacity, as in-flight is summed"
     assert total(seen, "sentinel_proxy_check_interval_seconds", check="health") == 2.5
+    assert total(seen, "sentinel_proxy_error_budget_ratio") == 0.05, "a setting, not summed"
     assert total(seen, "sentinel_proxy_check_last_success_timestamp_seconds", check="integrity") > 0
     assert total(seen, "sentinel_proxy_upstream_attempt_duration_seconds_count", method_class="archive") == 2
     assert total(seen, "process_max_fds") == own[("process_max_fds", ())]

@@ -447,6 +447,9 @@ class Metrics:
         self.max_in_flight = add(GaugeFamily(
             "sentinel_proxy_max_in_flight", "MAX_IN_FLIGHT: requests in flight past which callers get 503 "
             "(with --workers, summed over the workers like sentinel_proxy_in_flight_requests)"))
+        self.error_budget = add(GaugeFamily(
+            "sentinel_proxy_error_budget_ratio", "ERROR_BUDGET_PERCENT as a ratio: the share of requests that may "
+            "fail at the nodes before SentinelHighErrorRate fires", mode="livemax"))
         self.check_interval = add(GaugeFamily(
             "sentinel_proxy_check_interval_seconds", "HEALTH_CHECK_INTERVAL_MS and INTEGRITY_CHECK_INTERVAL_MS, in "
             "seconds", ["check"], mode="livemax"))
@@ -585,6 +588,7 @@ class Metrics:
     def configure(self, settings: Settings) -> None:
         """Export the settings the alert rules take their thresholds from (at build and on reload)."""
         self.max_in_flight.child(()).set(settings.max_in_flight)
+        self.error_budget.child(()).set(settings.error_budget_percent / 100.0)
         self.check_interval.child(("health",)).set(settings.health_check_interval_ms / 1000.0)
         self.check_interval.child(("integrity",)).set(settings.integrity_check_interval_ms / 1000.0)
 
