@@ -96,27 +96,16 @@ def _workers(raw: str) -> int:
         raise ValueError(f"{exc} (or use auto: one per core)") from None
 
 
-def _upstream_client(raw: str) -> str:
-    text = raw.strip().lower()
-    if text not in UPSTREAM_CLIENTS:
-        raise ValueError(f"{raw!r} is not one of {', '.join(UPSTREAM_CLIENTS)}")
-    return text
+def _one_of(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """A word from ``choices``, in any case (``aliases`` maps other spellings onto them)."""
+    def parse(raw: str) -> str:
+        text = raw.strip().lower()
+        text = (aliases or {}).get(text, text)
+        if text not in choices:
+            raise ValueError(f"{raw!r} is not one of {', '.join(choices)}")
+        return text
 
-
-def _tracing(raw: str) -> str:
-    text = raw.strip().lower()
-    if text not in TRACING_EXPORTS:
-        raise ValueError(f"{raw!r} is not one of {', '.join(TRACING_EXPORTS)}")
-    return text
-
-
-def _log_level(raw: str) -> str:
-    level = raw.strip().lower()
-    if level == "warning":
-        level = "warn"
-    if level not in LOG_LEVELS:
-        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_LEVELS)}")
-    return level
+    return parse
 
 
 def _switch(raw: str) -> bool:
@@ -128,40 +117,33 @@ def _switch(raw: str) -> bool:
     raise ValueError(f"{raw!r} is not on or off")
 
 
-def _log_format(raw: str) -> str:
-    text = raw.strip().lower()
-    if text not in LOG_FORMATS:
-        raise ValueError(f"{raw!r} is not one of {', '.join(LOG_FORMATS)}")
-    return text
+def _redis_or(words: tuple[str, ...], off: str | None = None) -> Callable[[str], str]:
+    """One of ``words`` (any case), or a redis:// URL, checked here so a typo stops the start, not
+    the first call. ``off``: what the word "off" (or nothing) gives, when it is not kept as is."""
+    shown = ", ".join(words)
+
+    def parse(raw: str) -> str:
+        text = raw.strip()
+        word = text.lower()
+        if off is not None and word in ("", "off"):
+            return off
+        if word in words:
+            return word
+        from sentinel_proxy.stores.cache_address import parse_redis_url
+
+        try:
+            parse_redis_url(text)
+        except ValueError as exc:
+            raise ValueError(f"{raw!r} is not {shown} or a redis:// URL ({exc})") from None
+        return text
+
+    return parse
 
 
-def _store(raw: str) -> str:
-    """off, memory, or a redis:// URL (checked here, so a typo stops the start, not the first call):
-    where the cache or the rate limiter keeps its state."""
-    text = raw.strip()
-    if text.lower() in ("off", "memory"):
-        return text.lower()
-    from sentinel_proxy.stores.cache_address import parse_redis_url
-
-    try:
-        parse_redis_url(text)
-    except ValueError as exc:
-        raise ValueError(f"{raw!r} is not off, memory or a redis:// URL ({exc})") from None
-    return text
-
-
-def _shared_state(raw: str) -> str:
-    """off, or the redis:// URL of the Redis the gateways of one fleet share their node state through."""
-    text = raw.strip()
-    if text.lower() in ("", "off"):
-        return ""
-    from sentinel_proxy.stores.cache_address import parse_redis_url
-
-    try:
-        parse_redis_url(text)
-    except ValueError as exc:
-        raise ValueError(f"{raw!r} is not off or a redis:// URL ({exc})") from None
-    return text
+#: CACHE and RATE_LIMIT: where the cache or the rate limiter keeps its state.
+_store = _redis_or(("off", "memory"))
+#: SHARED_STATE: "" (off), or the Redis the gateways of one fleet share their node state through.
+_shared_state = _redis_or(("off",), off="")
 
 
 _PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9]*_(\*|[A-Za-z0-9_]+)\Z")
@@ -279,8 +261,8 @@ class Settings:
     workers: int = setting("WORKERS", "1", _workers,
         help="processes serving the port together (SO_REUSEPORT), 1 to 64, or auto: one per core (recommended "
              "in production); the first runs the checks for all")
-    log_level: str = setting("LOG_LEVEL", "info", _log_level, reload=True, help="debug, info, warn or error")
-    log_format: str = setting("LOG_FORMAT", "text", _log_format,
+    log_level: str = setting("LOG_LEVEL", "info", _one_of(LOG_LEVELS, {"warning": "warn"}), reload=True, help="debug, info, warn or error")
+    log_format: str = setting("LOG_FORMAT", "text", _one_of(LOG_FORMATS),
         help="text (twistd's log) or json (one JSON object per line on stdout, for log shippers)")
     access_log: bool = setting("ACCESS_LOG", "on", _switch, reload=True,
         help="one log line per proxied request: on or off")
@@ -409,11 +391,11 @@ class Settings:
     upstream_idle_timeout_ms: int = setting("UPSTREAM_IDLE_TIMEOUT_MS", "4000", _integer(1),
         help="idle pooled connections are closed after this, in ms; keep it below the node's keep-alive timeout "
              "(5 s on Node.js) so a request never lands on a closing socket")
-    upstream_client: str = setting("UPSTREAM_CLIENT", "fast", _upstream_client,
+    upstream_client: str = setting("UPSTREAM_CLIENT", "fast", _one_of(UPSTREAM_CLIENTS),
         help="the forwarding client: fast (the gateway's own HTTP/1.1 client, answers passed through byte for "
              "byte) or treq (treq's HTTPClient, for measurement only: it gunzips answers)")
 
-    tracing: str = setting("TRACING", "off", _tracing,
+    tracing: str = setting("TRACING", "off", _one_of(TRACING_EXPORTS),
         help="OpenTelemetry export of one span per request and per upstream attempt: off, or otlp (to "
              "OTEL_EXPORTER_OTLP_ENDPOINT; needs the otel extra: pip install 'sentinel-proxy[otel]'); "
              "W3C traceparent is passed to nodes either way")
