@@ -86,18 +86,12 @@ class Connections:
     async def close_all(self, clock: IReactorTime, timeout: float) -> None:
         """Close every connection after what was written to it (``loseConnection`` sends what is
         buffered: the drain has let the requests in flight finish first, up to its grace); after
-        ``timeout`` seconds, whatever is still open (a caller not reading) is aborted.
-
-        A Site channel is closed with ``HTTPChannel.loseConnection``, not its transport's: the
-        channel is its transport's producer, and a producer paused by a full write buffer would
-        keep ``transport.loseConnection`` from ever closing (ITransport says so)."""
-        site = self._site.protocols if self._site is not None else set()
+        ``timeout`` seconds, whatever is still open (a caller not reading) is aborted."""
         for protocol in list(self.protocols):
             protocol.close()
-        for channel in list(site):
-            channel.loseConnection()  # unregisters the channel as producer: a paused one would hold the close
-        deadline = clock.seconds() + timeout
-        while (self.protocols or site) and clock.seconds() < deadline:
-            await task.deferLater(clock, 0.01, lambda: None)
+        if self._site is not None:
+            self._site.close()
+        await self.settle(clock, timeout)
+        site = self._site.protocols if self._site is not None else set()
         for protocol in list(self.protocols) + list(site):
             protocol.transport.abortConnection()

@@ -49,17 +49,25 @@ class ClientConnections:
         if self.protocols:
             self._sweep = clock.callLater(DRAIN_WINDOW, self._close_idle, clock)
 
+    def close(self) -> None:
+        """Close every client connection after what was written to it, and stop the drain's sweep.
+
+        A channel is closed with ``HTTPChannel.loseConnection``, not its transport's: the channel
+        is its transport's producer, and a producer paused by a full write buffer would keep
+        ``transport.loseConnection`` from ever closing (ITransport says so)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for connection in list(self.protocols):
+            connection.loseConnection()
+
     async def close_all(self, clock: IReactorTime, timeout: float) -> None:
         """Close every client connection once what was written to it has been sent.
 
         The reactor's own shutdown drops connections with their buffers unsent, so an answer
         finished a moment before the end of a drain would never reach its caller.
         """
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        for connection in list(self.protocols):
-            connection.loseConnection()
+        self.close()
         deadline = clock.seconds() + timeout
         while self.protocols and clock.seconds() < deadline:
             await task.deferLater(clock, 0.01, lambda: None)
