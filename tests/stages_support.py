@@ -243,3 +243,7 @@ def settled(deferred: defer.Deferred | Coroutine[Any, Any, Any]) -> Any:
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
+
+
+#: A breaker that opens at the first failure and closes at the first success.
+TRIGGER_HAPPY = BreakerPolicy(consecutive_failures=1, cooldown=5.0, close_after=1)

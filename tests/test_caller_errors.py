@@ -23,7 +23,7 @@ from tests.http_raw import answers, connect
 from tests.stages_support import JSON, answer, hang, result, rig, settled
 from tests.support import JSON as WIRE_JSON
 from tests.support import http, post_json, rpc, wait_for
-from tests.test_id_echo import batch, call, ids_of
+from tests.raw_ids import batch, call, ids_of
 
 ensure = pytest_twisted.ensureDeferred
 

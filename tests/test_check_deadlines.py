@@ -19,7 +19,7 @@ from sentinel_proxy.state.backends import BackendPool
 from sentinel_proxy.upstream.client import PooledAgent
 
 from tests.support import CHAIN_SETTINGS
-from tests.test_checks import PARAMS, Setup, simulated
+from tests.checks_support import PARAMS, Setup, simulated
 
 INTERVAL = 30.0
 DEADLINE = 5.0

@@ -11,42 +11,22 @@ from typing import Any, Callable
 import pytest
 from treq.testing import RequestTraversalAgent, StringStubbingResource
 from twisted.internet import defer, task
-from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from sentinel_proxy.checks import CheckClient, HealthService, IntegrityService, block_number_of, chain_of, oldest_block_of
+from sentinel_proxy.checks import CheckClient, block_number_of, chain_of, oldest_block_of
 from sentinel_proxy.checks.health import protocol_contracts_of
-from sentinel_proxy.checks.client import CHECK_MAX_RESPONSE, RpcCallError
+from sentinel_proxy.checks.client import RpcCallError
 from sentinel_proxy.checks.health import HEALTH_CALLS, TIPS_METHODS, archive_call, archive_of
-from sentinel_proxy.checks.integrity import Runner, run_inline
-from sentinel_proxy.core.integrity import IntegrityParams
 from sentinel_proxy.interfaces import ICheckClient
-from sentinel_proxy.state.backends import BackendPool, TipsReport
+from sentinel_proxy.state.backends import TipsReport
 from sentinel_proxy.state.status import backend_document, health_document, RequestTotals
 from sentinel_proxy.upstream.client import UpstreamError
-from sentinel_simnode.node import SCENARIOS, ChainParams, SimulatedNode
-
-#: A chain that does not move while a test runs, small enough to analyse in milliseconds.
-CHAIN = ChainParams(slots_per_epoch=8, committee_size=4, slot_seconds=600.0, block_seconds=600.0)
-PARAMS = IntegrityParams(slots_per_epoch=8, expected_validators=4)
-TIMEOUT = 5.0
-
-
-class ByHost(Resource):
-    """One in-memory server for several nodes, told apart by the Host header (``name:1``)."""
-
-    isLeaf = True
-
-    def __init__(self, nodes: dict[str, Resource]):
-        super().__init__()
-        self.nodes = nodes
-
-    def render(self, request: Any) -> Any:
-        return self.nodes[request.getHeader(b"host").decode()].render(request)
+from sentinel_simnode.node import SCENARIOS, SimulatedNode
+from tests.checks_support import CHAIN, PARAMS, Setup, TIMEOUT, simulated
 
 
 class Recording(Resource):
@@ -121,38 +101,6 @@ def answers(results: dict[str, Any]) -> Callable[[list[dict[str, Any]]], list[di
         return out
 
     return answer
-
-
-class Setup:
-    """Backends named after their ``nodes`` keys (``http://name:1``) and the check client over them."""
-
-    def __init__(self, clock: task.Clock, nodes: dict[str, Resource], limit: int = CHECK_MAX_RESPONSE,
-                 **pool_options: Any):
-        self.clock = clock
-        self.router = ByHost({f"{name}:1": node for name, node in nodes.items()})
-        self.agent = RequestTraversalAgent(self.router)
-        self.client = CheckClient.over(self.agent, self.clock, limit)
-        self.pool = BackendPool([f"http://{name}:1" for name in nodes], **pool_options)
-        self.backends = dict(zip(nodes, self.pool.backends))
-
-    def health(self, client: Any = None) -> HealthService:
-        return HealthService(self.pool, client or self.client, 30.0, TIMEOUT, self.clock)
-
-    def integrity(self, runner: Runner = run_inline) -> IntegrityService:
-        return IntegrityService(self.pool, self.client, 60.0, TIMEOUT, self.clock, PARAMS, runner=runner)
-
-
-def simulated(scenario: str, clock: task.Clock, dialect: str = "4") -> SimulatedNode:
-    return SimulatedNode(scenario, CHAIN, clock=clock, dialect=dialect)
-
-
-@pytest.fixture
-def logged():
-    """The log events emitted while the test runs."""
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def messages(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from sentinel_proxy.cli import main
 from sentinel_proxy.config import SPECS
 from tests import processes
 from tests.processes import CLEAN_ENV, Daemon, fetch, poll
-from tests.test_tls import self_signed, ssl_endpoint
+from tests.tls_support import self_signed, ssl_endpoint
 
 SENTINEL_PROXY = str(Path(sys.executable).with_name("sentinel-proxy"))
 

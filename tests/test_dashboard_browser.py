@@ -13,7 +13,7 @@ from twisted.internet import threads
 
 from sentinel_simnode.node import SCENARIOS
 from tests.support import JSON, http, post_json, rpc, wait_for
-from tests.test_dashboard import Element, needs_chromium, parse, run_chromium
+from tests.browser_support import Element, needs_chromium, parse, run_chromium
 
 ensure = pytest_twisted.ensureDeferred
 

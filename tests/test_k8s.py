@@ -23,7 +23,7 @@ from sentinel_proxy.config import SPECS, load_settings
 from sentinel_proxy.settings import MAX_WORKERS, SECRET_SETTINGS, SPECS_BY_FIELD
 from sentinel_proxy.stores.cache_address import parse_redis_url
 from tests.support import http
-from tests.test_deploy import DOCKERFILE, instructions, runbook_anchor, yaml_module
+from tests.deploy_support import DOCKERFILE, instructions, runbook_anchor, yaml_module
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

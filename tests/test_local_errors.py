@@ -16,7 +16,6 @@ from twisted.internet import defer, task
 from twisted.internet.error import (ConnectBindError, ConnectError, ConnectionRefusedError, DNSLookupError,
                                     TCPTimedOutError, getConnectError)
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -33,17 +32,8 @@ from sentinel_proxy.upstream.client import PooledAgent, bounded
 from sentinel_proxy.upstream.http11 import FastForwardingClient
 from sentinel_proxy.upstream.response import LocalError, UpstreamError, local_error
 
-from tests.stages_support import (JSON, MemoryClient, Verdict, answer, body_of, result, rig, rpc, sample, settled,
+from tests.stages_support import (JSON, TRIGGER_HAPPY, MemoryClient, Verdict, answer, body_of, result, rig, rpc, sample, settled,
                                   trusted_pool)
-from tests.test_stage_failover import TRIGGER_HAPPY
-
-
-@pytest.fixture
-def logged():
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def local_lines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

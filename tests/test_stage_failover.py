@@ -19,11 +19,10 @@ from sentinel_proxy.proxy.guard import check, plan
 from sentinel_proxy.proxy.values import Attempt, Caller, Inbound, Limits, Plan
 from sentinel_proxy.upstream.response import UpstreamError, UpstreamResponse
 
-from tests.stages_support import (JSON, MemoryClient, answer, body_of, hang, pairs, result, rig, rpc, sample,
+from tests.stages_support import (JSON, TRIGGER_HAPPY, MemoryClient, answer, body_of, hang, pairs, result, rig, rpc, sample,
                                   settled, trusted_pool)
 
 #: One failure opens a breaker: whether an outcome was charged shows in the state.
-TRIGGER_HAPPY = BreakerPolicy(consecutive_failures=1, cooldown=5.0, close_after=1)
 
 
 class Nodes:
