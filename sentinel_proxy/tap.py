@@ -14,6 +14,7 @@ from twisted.application.service import MultiService
 from twisted.python import usage
 
 from sentinel_proxy.config import SPECS, SPECS_BY_FIELD, ConfigError, Settings, Spec, load_settings
+from sentinel_proxy.ops import heap
 from sentinel_proxy.ops.descriptors import ensure_open_files
 from sentinel_proxy.service import build_service
 
@@ -78,4 +79,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
 
         nodes += len(DEMO_SCENARIOS)
     ensure_open_files(settings.max_connections, nodes, settings.upstream_max_connections)
-    return build_service(settings, reactor, cli=options.cli_values(), handle_signals=True)
+    gateway = build_service(settings, reactor, cli=options.cli_values(), handle_signals=True)
+    heap.settle()  # a daemon's process: start-up's objects are built, requests come next
+    return gateway

@@ -2,6 +2,7 @@
 
 No project or klein imports at module level: they would install a reactor before pytest-twisted.
 """
+import gc
 import os
 
 import pytest
@@ -32,6 +33,16 @@ def redis_server():
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def collector():
+    """The test process's garbage collector as it was, restored after a test that tunes it
+    (``makeService`` freezes the heap and raises the young threshold: ops/heap.py)."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,6 @@
 """``twistd sentinel-proxy``'s options: every refusal is one line, and makeService builds the tree."""
+import gc
+
 import pytest
 from twisted.application.service import MultiService
 
@@ -87,7 +89,7 @@ def test_options_win_and_keep_their_text(workdir, monkeypatch):
     assert options.cli_values()["port"] == "9000", "a reload merges the options again, as text"
 
 
-def test_make_service_builds_the_gateway(workdir):
+def test_make_service_builds_the_gateway(workdir, collector):
     from sentinel_proxy.listening import ListeningService
 
     options = Options()
@@ -97,6 +99,17 @@ def test_make_service_builds_the_gateway(workdir):
     assert service.settings == options.settings
     assert service.listener in list(service) and isinstance(service.listener, ListeningService)
     assert [b.url for b in service.pool.backends] == ["http://127.0.0.1:9"]
+
+
+def test_make_service_settles_the_heap(workdir, collector):
+    from sentinel_proxy.ops import heap
+
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    options = Options()
+    options.parseOptions(["--backends", "http://127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1"])
+    makeService(options)
+    assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD and gc.get_freeze_count() > 0
 
 
 @pytest.mark.slow

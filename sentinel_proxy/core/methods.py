@@ -25,6 +25,7 @@ differ, and a mixed fleet answers each name in its own dialect).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import StrEnum
 from typing import Any
 
@@ -195,8 +196,11 @@ def refused_namespace(method: str) -> bool:
     return method.split("_", 1)[0].lower() in REFUSED_NAMESPACES
 
 
+@lru_cache(maxsize=4096)
 def lookup(method: str) -> Method | None:
-    """The table row of a wire method name (``node_getBlock``, ``aztec_getBlock``, ``p2p_getPeers``)."""
+    """The table row of a wire method name (``node_getBlock``, ``aztec_getBlock``, ``p2p_getPeers``).
+    Remembered: every request asks several times (safety, cache rule, method class), and callers
+    use a few dozen names; the bound keeps made-up names from growing it."""
     namespace, name = split(method)
     row = TABLE.get(name)
     if row is None:

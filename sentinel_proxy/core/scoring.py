@@ -26,11 +26,12 @@ def priority(missing_epochs: int, inconsistent_epochs: int, avg_latency_ms: floa
 
 
 def weights(priorities: Sequence[int]) -> list[int]:
-    """weight = max(1, priority − lowest priority + 10): the worst candidate keeps a small share."""
+    """weight = max(1, priority − lowest priority + 10): the worst candidate keeps a small share.
+    The prototype's floor of 1 never binds (no priority is below the lowest), so it is not computed."""
     if not priorities:
         return []
-    lowest = min(priorities)
-    return [max(1, p - lowest + 10) for p in priorities]
+    base = 10 - min(priorities)
+    return [p + base for p in priorities]
 
 
 def weighted_choice(items: Sequence[T], item_weights: Sequence[int], random: Callable[[], float]) -> T:

@@ -11,7 +11,7 @@ import random as _random
 from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Sequence, Tuple, Union
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.logger import Logger, LogLevel
@@ -260,8 +260,10 @@ def _view(backend: Backend) -> _View:
                  backend.drained)
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class Pick(NamedTuple):
+    """A named tuple, not a frozen dataclass: one is made per attempt, and a frozen dataclass's
+    ``__init__`` costs four times as much."""
+
     backend: Backend | None
     #: Why a less trusted node was chosen ("integrity"), or None for a preferred one.
     fallback: str | None = None
@@ -422,19 +424,20 @@ class BackendPool:
         preferred, fallback = self._tiers[route]
         return preferred or fallback
 
-    def pick(self, route: str, block: int | None = None, exclude: Iterable[Backend] = (),
+    def pick(self, route: str, block: int | None = None, exclude: Sequence[Backend] = (),
              now: float = 0.0) -> Pick:
         """The prototype's weighted random choice among trusted nodes first, skipping nodes already
         tried, nodes whose breaker is open, and nodes that no longer keep ``block``."""
-        skip = set(exclude)
         preferred, fallback = self._tiers[route]
-        for tier, reason in ((preferred, None), (fallback, "integrity")):
-            candidates = [b for b in tier if b not in skip and b.keeps(block) and b.breaker.available(now)]
-            if candidates:
-                return Pick(self._choose(candidates), reason)
+        candidates = [b for b in preferred if b not in exclude and b.keeps(block) and b.breaker.available(now)]
+        if candidates:
+            return Pick(self._choose(candidates))
+        candidates = [b for b in fallback if b not in exclude and b.keeps(block) and b.breaker.available(now)]
+        if candidates:
+            return Pick(self._choose(candidates), "integrity")
         # Every candidate's breaker is open: a blip that tripped them all must not become an outage
         # until the cool-downs pass, so try them anyway (and say so).
-        candidates = [b for b in preferred + fallback if b not in skip and b.keeps(block)]
+        candidates = [b for b in preferred + fallback if b not in exclude and b.keeps(block)]
         return Pick(self._choose(candidates), "breaker") if candidates else Pick(None)
 
     def _choose(self, candidates: list[Backend]) -> Backend:
