@@ -10,8 +10,7 @@ is cancelled only once nobody waits for any of its answers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -26,10 +25,10 @@ class Unanswered(Exception):
     """The shared call ended without an answer for this key (every node failed, or it was cut)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One call's answer, without its id: ``kind`` is "result", "error" or "missing" (not found),
-    ``raw`` the JSON of the result or error (empty when missing)."""
+    ``raw`` the JSON of the result or error (empty when missing). A named tuple, not a frozen
+    dataclass: one is made per call answered, at half the cost."""
 
     kind: str
     raw: bytes = b""

@@ -6,7 +6,7 @@ way back up, so a stage can be read, and tested, without the ones around it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from sentinel_proxy.core import jsonrpc
 from sentinel_proxy.ops.tracing import TraceContext, trace_context
@@ -49,9 +49,9 @@ class Limits:
     max_response: int = 1 << 25
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who asked: for the access log, the rate limit, and the request id echoed to the node and back."""
+class Caller(NamedTuple):
+    """Who asked: for the access log, the rate limit, and the request id echoed to the node and back.
+    A named tuple, not a frozen dataclass: one is made per request, at half the cost."""
 
     request_id: str
     address: str = "-"
