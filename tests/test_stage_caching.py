@@ -114,9 +114,11 @@ def test_a_failed_leader_fails_its_followers_with_502():
     leader = serve(caching, request(rpc("node_getBlockNumber", id_=1)))
     follower = serve(caching, request(rpc("node_getBlockNumber", id_=2)))
     upstream.pending[0].callback(error_reply(502, jsonrpc.UPSTREAM_FAILED, "down", "upstream_error"))
-    assert settled(leader).outcome == "upstream_error"
+    led = settled(leader)
+    assert (led.outcome, led.cache) == ("upstream_error", "miss"), "the access log says miss, not none"
     failed = settled(follower)
-    assert (failed.status, json.loads(failed.body)["error"]["code"]) == (502, jsonrpc.UPSTREAM_FAILED)
+    assert (failed.status, json.loads(failed.body)["error"]["code"], failed.cache) == (502, jsonrpc.UPSTREAM_FAILED,
+                                                                                       "miss")
     assert "shared call" in json.loads(failed.body)["error"]["message"]
 
 

@@ -176,7 +176,7 @@ class Caching:
             if fetching is not None:
                 fetched = await fetching
                 if isinstance(fetched, Reply):
-                    return fetched
+                    return fetched.missed()
             entries = dict(lookup.found)
             if fetched is not None:
                 entries.update(fetched.entries)
@@ -187,7 +187,7 @@ class Caching:
                     raise
                 except Exception:  # the leading call failed at every node it tried
                     return error_reply(502, jsonrpc.UPSTREAM_FAILED, "Upstream node failed for a shared call",
-                                       "upstream_error")
+                                       "upstream_error").missed()
         finally:
             lookup.release()
         return self._reply(parsed, entries, lookup.counts, None if fetched is None else fetched.reply)

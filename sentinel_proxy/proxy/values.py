@@ -132,6 +132,12 @@ class Reply:
         return Reply(self.status, body, self.headers, self.backend, self.outcome, self.attempts, self.methods,
                      self.batch, refused=self.refused, cache=self.cache, upstream_ms=self.upstream_ms)
 
+    def missed(self) -> Reply:
+        """The same reply, for a request the cache could not answer (``cache`` "miss"): a failure
+        of the upstream call a cache miss made, or of an identical call it waited for."""
+        return Reply(self.status, self.body, self.headers, self.backend, self.outcome, self.attempts, self.methods,
+                     self.batch, self.items, self.refusal, self.refused, "miss", self.upstream_ms)
+
     def with_headers(self, extra: HeaderPairs) -> Reply:
         return Reply(self.status, self.body, self.headers + extra, self.backend, self.outcome, self.attempts,
                      self.methods, self.batch, refusal=self.refusal, refused=self.refused, cache=self.cache,
