@@ -427,8 +427,26 @@ def test_unknown_method_names_do_not_grow_the_request_path_caches():
     metrics = Metrics(trusted_pool(1))
     for i in range(500):
         metrics.observe_request("/", 200, "ok", "http://n0:1", 0.01, (f"node_x{i}",), None)
+    metrics.settle()
     assert not metrics._call_series.get("/") and len(metrics._other_series) == 1
     assert sample(metrics, "sentinel_proxy_rpc_calls_total", method="other", route="/") == 500
+
+
+def test_observations_are_counted_by_every_export_and_never_wait_unbounded():
+    """The request path's observations are counted together (Metrics.settle): a scrape sees every
+    one made before it, and no more than SETTLE_AFTER wait in between."""
+    from sentinel_proxy.ops.metrics import SETTLE_AFTER
+
+    metrics = Metrics(trusted_pool(1))
+    metrics.observe_request("/", 200, "ok", "n0", 0.01, ("node_getBlockNumber",), 1)
+    metrics.observe_attempt("n0", "ok", 0.005, ("node_getBlockNumber",))
+    assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="200", backend="n0") == 1
+    assert sample(metrics, "sentinel_proxy_upstream_attempts_total", backend="n0", result="ok") == 1
+    for _ in range(SETTLE_AFTER + 3):
+        metrics.observe_request("/", 200, "ok", "n0", 0.01, ("node_getBlockNumber",), 1)
+    assert len(metrics._requests_seen) == 3, "counted on their own once SETTLE_AFTER waited"
+    assert (b'sentinel_proxy_requests_total{backend="n0",method="proxy",status="200"} %d.0' % (SETTLE_AFTER + 4)
+            in metrics.render())
 
 
 def test_the_rare_counters_keep_prometheus_client_labels():

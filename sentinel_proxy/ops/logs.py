@@ -121,9 +121,12 @@ class AccessLog:
     """One line per proxied request, written by our own code to stdout in batches.
 
     Through twisted.logger each line cost ~50 µs (an event, its formatting, a write and a flush
-    per line: 12 % of a request, profiled with py-spy); here a line is one f-string (or one
-    ``json.dumps``) appended to a buffer that is written every ``FLUSH_INTERVAL`` seconds (and
-    when it holds ``FLUSH_LINES``), in the same shape as the rest of the log.
+    per line: 12 % of a request, profiled with py-spy); here a request leaves one tuple of its
+    fields, and the lines are formatted (one f-string, or one ``json.dumps``, each) and written
+    together every ``FLUSH_INTERVAL`` seconds (and when ``FLUSH_LINES`` wait), in the same shape as
+    the rest of the log. Formatted together, in one loop, the lines cost the gateway ~1 µs a
+    request live, against ~7.7 µs formatted one at a time between requests (docs/performance.md):
+    in between, the rest of the request and the kernel push the formatting code out of the caches.
 
     What callers choose (request id, forwarded address, method names) is :func:`escaped` in text
     lines and ASCII-escaped in JSON lines; method names are bounded in both (:func:`methods_summary`,
@@ -140,7 +143,8 @@ class AccessLog:
     def __init__(self, stream: IO[str], json_lines: bool):
         self._stream = stream
         self._json = json_lines
-        self._lines: list[str] = []
+        #: What :meth:`write` was given, one tuple a request, until the next :meth:`flush`.
+        self._pending: list[tuple[Any, ...]] = []
         self._second = -1
         self._stamp = ""
 
@@ -157,11 +161,20 @@ class AccessLog:
         """``refused``: the methods of the batch items the gateway refused itself; ``cache``: hit,
         partial, miss or none; ``upstream_ms``: the answering node's time (None: no node answered);
         ``bytes_in``/``bytes_out``: the caller's request body and the reply body."""
+        pending = self._pending
+        pending.append((now, request_id, client, route, methods, backend, status, outcome, duration_ms, attempts,
+                        refused, cache, upstream_ms, bytes_in, bytes_out))
+        if len(pending) >= self.FLUSH_LINES:
+            self.flush()
+
+    def _line(self, now: float, request_id: str, client: str, route: str, methods: tuple[str, ...], backend: str,
+              status: int, outcome: str, duration_ms: float, attempts: int, refused: tuple[str, ...], cache: str,
+              upstream_ms: float | None, bytes_in: int, bytes_out: int) -> str:
         summary = methods_summary(methods)
         refused_summary = methods_summary(refused) if refused else ""
         upstream = "-" if upstream_ms is None else f"{upstream_ms:.1f}ms"
         if self._json:
-            line = json.dumps({
+            return json.dumps({
                 "time": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
                 "level": "info", "namespace": "sentinel_proxy.access",
                 "message": self._message(request_id, client, route, summary, backend, status, outcome, duration_ms,
@@ -172,20 +185,16 @@ class AccessLog:
                 "attempts": attempts, "cache": cache,
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "bytes_in": bytes_in, "bytes_out": bytes_out})
-        else:
-            message = (f"{request_id} {client} POST {route} {summary} -> {backend} {status} {outcome} "
-                       f"{duration_ms:.1f}ms attempts={attempts} cache={cache} upstream={upstream} "
-                       f"in={bytes_in} out={bytes_out}")
-            if refused_summary:
-                message = f"{message} refused={refused_summary}"
-            if len(message) > self.PLAIN_LINE or not message.isprintable():  # one check for the usual line
-                message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(summary),
-                                        escaped(backend), status, outcome, duration_ms, attempts, cache, upstream,
-                                        bytes_in, bytes_out, escaped(refused_summary))
-            line = f"{self._prefix(now)} [sentinel_proxy.access#info] {message}"
-        self._lines.append(line)
-        if len(self._lines) >= self.FLUSH_LINES:
-            self.flush()
+        message = (f"{request_id} {client} POST {route} {summary} -> {backend} {status} {outcome} "
+                   f"{duration_ms:.1f}ms attempts={attempts} cache={cache} upstream={upstream} "
+                   f"in={bytes_in} out={bytes_out}")
+        if refused_summary:
+            message = f"{message} refused={refused_summary}"
+        if len(message) > self.PLAIN_LINE or not message.isprintable():  # one check for the usual line
+            message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(summary),
+                                    escaped(backend), status, outcome, duration_ms, attempts, cache, upstream,
+                                    bytes_in, bytes_out, escaped(refused_summary))
+        return f"{self._prefix(now)} [sentinel_proxy.access#info] {message}"
 
     @staticmethod
     def _message(request_id: str, client: str, route: str, methods: str, backend: str, status: int, outcome: str,
@@ -198,10 +207,11 @@ class AccessLog:
 
     def flush(self) -> None:
         """Write what is buffered; never raises (it runs in a TimerService, which a raise would stop)."""
-        if not self._lines:
+        if not self._pending:
             return
-        lines, self._lines = self._lines, []
+        pending, self._pending = self._pending, []
         try:
-            _write_lines(self._stream, "\n".join(lines) + "\n")
+            line = self._line
+            _write_lines(self._stream, "\n".join([line(*fields) for fields in pending]) + "\n")
         except Exception:
-            _log.failure("the access log could not write {count} line(s); they are lost", count=len(lines))
+            _log.failure("the access log could not write {count} line(s); they are lost", count=len(pending))
