@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import lru_cache
 from typing import Any, Iterable, NamedTuple
 
 import msgspec
@@ -83,11 +84,17 @@ def cache_key(method: str, params: Any, chain: Any = None) -> bytes:
     form instead (``Infinity`` stays apart from ``null``); neither form can equal the other for
     different params.
     """
-    prefix = b"" if chain is None else _canonical(list(chain))
+    prefix = b"" if chain is None else _chain_prefix(tuple(chain))
     encoded = _canonical(params)
     if b"null" in encoded:
         return prefix + f"{method}:{_canonical_slow(params)}".encode()
     return prefix + method.encode() + b":" + encoded
+
+
+@lru_cache(maxsize=16)
+def _chain_prefix(chain: tuple[Any, ...]) -> bytes:
+    """A chain identity as the keys' canonical JSON array: one per chain, worked out once."""
+    return _canonical(list(chain))
 
 
 def _height(value: Any) -> int | None:

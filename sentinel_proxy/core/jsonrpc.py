@@ -252,7 +252,7 @@ class ParsedRequest:
         self.calls = calls
         #: Batch items refused locally: position -> the error item's bytes (never sent upstream).
         self.refused = refused
-        self.methods = tuple(call.method for call in calls)
+        self.methods = tuple([call.method for call in calls])  # a list is built faster than a generator runs
         #: The method of each refused item, in request order ("?" where it has none): for the access log.
         self.refused_methods = refused_methods
         #: The request as parsed (after Content-Encoding): :func:`allowed_body` cuts the calls from it.
