@@ -155,3 +155,17 @@ async def test_a_method_name_cannot_forge_a_line_of_the_daemon(cluster):
     assert len(lines) == 2 and all(line.isprintable() for line in lines)
     assert "refused=nodeAdmin_x\\n2026 [sentinel_proxy.access#info] forged,nodeDebug_\\x1b[2J" in lines[0]
     assert "node_x\\r\\nforged" in lines[1]
+
+
+def test_a_line_that_cannot_be_formatted_loses_only_itself(logged):
+    """Lines are formatted together at flush: one bad request's fields cost its own line, not the
+    other requests' lines of the batch."""
+    stream = io.StringIO()
+    log = AccessLog(stream, json_lines=False)
+    write(log, methods="first")
+    log.write(1000.0, "bad", "127.0.0.1", "/", ("node_x",), "n0:1", 200, "ok", None, 1)  # type: ignore[arg-type]
+    write(log, methods="third")
+    log.flush()
+    assert [line.split(" POST / ")[1].split(" ")[0] for line in stream.getvalue().splitlines()] == ["first", "third"]
+    lost = [event for event in logged if event.get("log_level") == LogLevel.critical]
+    assert [event["request_id"] for event in lost] == ["bad"] and lost[0]["log_failure"].check(TypeError)

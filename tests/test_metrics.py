@@ -491,3 +491,13 @@ def test_microbenchmark_observe_request(capsys):
         lines.append(f"observe_request, {shape}: " + ", ".join(f"{k} {v:.2f} µs" for k, v in timings.items()))
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_an_observation_that_cannot_be_counted_loses_only_itself(logged):
+    metrics = Metrics(trusted_pool(1))
+    metrics.observe_request("/", 200, "ok", "n0", 0.01, ("node_getBlockNumber",), 1)
+    metrics.observe_request("/", 200, "ok", "n0", "not seconds", ("node_getBlockNumber",), 1)  # type: ignore[arg-type]
+    metrics.observe_request("/", 200, "ok", "n0", 0.02, ("node_getBlockNumber",), 1)
+    assert sample(metrics, "sentinel_proxy_requests_total", method="proxy", status="200", backend="n0") == 2
+    failures = [event for event in logged if "log_failure" in event]
+    assert len(failures) == 1 and failures[0]["log_failure"].check(TypeError)

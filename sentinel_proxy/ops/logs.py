@@ -210,8 +210,17 @@ class AccessLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        line = self._line
+        lines = []
+        for fields in pending:
+            try:
+                lines.append(line(*fields))
+            except Exception:  # one request's line, not the batch, is lost
+                _log.failure("the access log could not format the line of request {request_id}",
+                             request_id=escaped(str(fields[1])))
+        if not lines:
+            return
         try:
-            line = self._line
-            _write_lines(self._stream, "\n".join([line(*fields) for fields in pending]) + "\n")
+            _write_lines(self._stream, "\n".join(lines) + "\n")
         except Exception:
-            _log.failure("the access log could not write {count} line(s); they are lost", count=len(pending))
+            _log.failure("the access log could not write {count} line(s); they are lost", count=len(lines))

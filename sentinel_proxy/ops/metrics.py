@@ -31,14 +31,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from sentinel_proxy import __version__
 from sentinel_proxy.core import methods
+from sentinel_proxy.ops.logs import observer
 from sentinel_proxy.ops.shared_metrics import MetricFiles
 from sentinel_proxy.state.backends import BackendPool
 
 if TYPE_CHECKING:
     from sentinel_proxy.settings import Settings
+
+_log = Logger(observer=observer)
 
 #: Value of the prototype's "method" label; kept for compatibility (it always said "proxy").
 PROXY_METHOD = "proxy"
@@ -555,12 +559,18 @@ class Metrics:
             seen, self._requests_seen = self._requests_seen, []
             count = self._count_request
             for observed in seen:
-                count(*observed)
+                try:
+                    count(*observed)
+                except Exception:  # one observation lost, not the batch, nor the request or scrape at hand
+                    _log.failure("a request's metrics could not be counted: {observed!r}", observed=observed)
         if self._attempts_seen:
             seen, self._attempts_seen = self._attempts_seen, []
             count = self._count_attempt
             for observed in seen:
-                count(*observed)
+                try:
+                    count(*observed)
+                except Exception:
+                    _log.failure("an attempt's metrics could not be counted: {observed!r}", observed=observed)
 
     def _count_request(self, route: str, status: int, outcome: str, backend: str, seconds: float,
                        methods: Sequence[str], batch: int | None) -> None:
