@@ -17,6 +17,7 @@ from sentinel_proxy.config import SPECS, SPECS_BY_FIELD, ConfigError, Settings, 
 from sentinel_proxy.ops import heap
 from sentinel_proxy.ops.descriptors import ensure_open_files
 from sentinel_proxy.service import build_service
+from sentinel_proxy.twisted_private import dispatch_io_directly
 
 
 def _help(spec: Spec) -> str:
@@ -80,5 +81,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         nodes += len(DEMO_SCENARIOS)
     ensure_open_files(settings.max_connections, nodes, settings.upstream_max_connections)
     gateway = build_service(settings, reactor, cli=options.cli_values(), handle_signals=True)
+    dispatch_io_directly(gateway.reactor)  # the daemon's own reactor: its I/O without the legacy log context
     heap.settle()  # a daemon's process: start-up's objects are built, requests come next
     return gateway

@@ -1,4 +1,4 @@
-"""The one place the gateway depends on non-public parts of Twisted: three hooks, each guarded by a
+"""The one place the gateway depends on non-public parts of Twisted: four hooks, each guarded by a
 test that fails if a Twisted release changes what it relies on (tests/test_twisted_private.py,
 tests/test_web_hooks.py, tests/test_drain.py).
 
@@ -27,6 +27,19 @@ sent. No public API accepts what is queued, so :func:`accept_queued` calls the p
 (what the reactor calls when the socket is readable: accept, build, connect) while ``poll`` says
 the listening socket has connections waiting. ``doRead`` and ``fileno`` are public names on
 ``tcp.Port`` but meant for the reactor; ``tests/test_drain.py`` fails if they stop doing that.
+
+**Dispatching I/O without the legacy log context** (:func:`dispatch_io_directly`). The epoll
+reactor hands every I/O event to its connection through ``twisted.python.log.callWithLogger``,
+which copies the legacy log context (a dict), pushes it on a thread-local stack and pops it, so
+that old-style ``log.msg`` calls made meanwhile carry the connection's ``logPrefix`` as
+"system". The gateway logs through twisted.logger with its own namespaces and never reads that
+field; the push and pop cost 1.7 µs per event in a microbenchmark and ~11 µs per proxied
+request live (two or three events each; A/B with ``bench/live_cpu.py``, docs/performance.md).
+No public API dispatches without it, so :func:`dispatch_io_directly` gives the daemon's reactor
+its own ``doIteration``: Twisted's ``EPollReactor.doPoll`` minus that wrapper, calling the
+reactor's ``_doReadOrWrite`` (which handles a failing ``doRead``/``doWrite`` itself) for each
+event, with the same last-resort catch. ``tests/test_twisted_private.py`` fails if
+``_poller``, ``_selectables`` or ``_doReadOrWrite`` go, and serves real connections through it.
 """
 from __future__ import annotations
 
@@ -35,7 +48,12 @@ from errno import EAGAIN, EINTR, ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.web.server import Request
+
+from sentinel_proxy.ops.logs import observer
+
+_log = Logger(observer=observer)
 
 _RETRY_LATER = frozenset({EAGAIN, EWOULDBLOCK, ENOBUFS, EINTR})
 
@@ -106,3 +124,40 @@ class BoundedRequest(Request):
             self.content.truncate()
             return
         super().handleContentChunk(data)
+
+
+def dispatch_io_directly(reactor: Any) -> bool:
+    """Give ``reactor``, when it is an epoll reactor, a ``doIteration`` that dispatches I/O events
+    without ``log.callWithLogger``; True when it did, False (nothing changed) for any other reactor.
+    Only the daemon's reactor gets it (``makeService``): a process that reads the legacy log
+    context's "system" during I/O would see "-" there."""
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        return False
+    if not isinstance(reactor, EPollReactor):
+        return False
+    selectables = reactor._selectables
+    dispatch = reactor._doReadOrWrite
+
+    def do_poll(timeout: float | None) -> None:
+        """``EPollReactor.doPoll`` (Twisted 26.10), each event handed to ``_doReadOrWrite`` directly."""
+        try:
+            events = reactor._poller.poll(-1 if timeout is None else timeout, len(selectables))
+        except OSError as error:
+            if error.errno == EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # callWithLogger's net: one connection's failure is logged, the loop goes on
+                _log.failure("I/O on {selectable!r} failed", selectable=selectable)
+
+    reactor.doIteration = reactor.doPoll = do_poll
+    return True

@@ -1,5 +1,6 @@
-"""``write_now`` against the installed Twisted: if a release changes the TCP transport's buffer
-attributes or their meaning, these fail instead of the gateway reordering or losing bytes."""
+"""``write_now`` and ``dispatch_io_directly`` against the installed Twisted: if a release changes
+the TCP transport's buffer attributes or the epoll reactor's, these fail instead of the gateway
+reordering or losing bytes, or losing its I/O."""
 from __future__ import annotations
 
 import pytest_twisted
@@ -100,3 +101,80 @@ def test_write_now_on_other_transports_is_transport_write():
     transport = StringTransport()
     write_now(transport, b"abc")
     assert transport.value() == b"abc"
+
+
+# ------------------------------------------------------------------ dispatch_io_directly
+
+
+def spin(loop: object, done, rounds: int = 2000) -> None:
+    """Turn a reactor that is not running (not the test's) until ``done()``, at most ``rounds`` times."""
+    for _ in range(rounds):
+        if done():
+            return
+        loop.iterate(0.01)  # type: ignore[attr-defined]
+    raise AssertionError("the reactor did not get there")
+
+
+def close(loop: object) -> None:
+    """Free what a reactor made for itself (its waker's pipe, its epoll descriptor)."""
+    loop.waker.connectionLost(None)  # type: ignore[attr-defined]
+    loop._poller.close()  # type: ignore[attr-defined]
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class FailsOnClose(Collect):
+    def connectionLost(self, reason: object = None) -> None:
+        raise RuntimeError("a protocol whose connectionLost fails")
+
+
+def test_the_epoll_reactor_still_has_what_direct_dispatch_reads():
+    from twisted.internet.epollreactor import EPollReactor
+
+    loop = EPollReactor()
+    try:
+        missing = [name for name in ("_poller", "_selectables", "_doReadOrWrite") if not hasattr(loop, name)]
+        assert not missing, f"Twisted's EPollReactor lost {missing}: re-check dispatch_io_directly"
+        assert isinstance(loop._selectables, dict) and hasattr(loop._poller, "poll")
+        assert EPollReactor.doIteration is EPollReactor.doPoll, "the main loop no longer polls through doPoll"
+    finally:
+        close(loop)
+
+
+def test_direct_dispatch_serves_connections_and_survives_a_failing_one(logged):
+    from twisted.internet.epollreactor import EPollReactor
+
+    from sentinel_proxy.twisted_private import dispatch_io_directly
+
+    loop = EPollReactor()
+    assert dispatch_io_directly(loop) and loop.doIteration == loop.doPoll
+    port = loop.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
+    try:
+        failing, echoed = FailsOnClose(), Collect()
+        for client in (failing, echoed):
+            loop.connectTCP("127.0.0.1", port.getHost().port, protocol.ClientFactory.forProtocol(lambda c=client: c))
+        spin(loop, lambda: failing.made.called and echoed.made.called)
+        failing.transport.write(b"first")
+        echoed.transport.write(b"second")
+        spin(loop, lambda: failing.data == b"first" and echoed.data == b"second")
+        failing.transport.loseConnection()  # its connectionLost raises inside the dispatch
+        spin(loop, lambda: any("connectionLost fails" in str(event.get("log_failure", "")) for event in logged))
+        echoed.transport.write(b" again")
+        spin(loop, lambda: echoed.data == b"second again")
+    finally:
+        echoed.transport.loseConnection()
+        port.stopListening()
+        spin(loop, lambda: not (echoed.transport.connected or port.connected))
+        close(loop)
+
+
+def test_direct_dispatch_leaves_other_reactors_alone():
+    from twisted.internet.selectreactor import SelectReactor
+
+    from sentinel_proxy.twisted_private import dispatch_io_directly
+
+    other = SelectReactor()
+    assert not dispatch_io_directly(other) and "doIteration" not in vars(other)
