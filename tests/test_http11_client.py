@@ -587,8 +587,51 @@ def test_each_request_is_one_write_with_tcp_nodelay():
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
         protocol.dataReceived(OK)
         assert results[0].body == b"ok"
-    # answered: the deadline's timer is gone; only the pool's idle sweep is left
-    assert [call.func.__name__ for call in clock.getDelayedCalls()] == ["_sweep"]
+    # answered: besides the pool's idle sweep, the connection's one deadline timer, kept for its next request
+    assert sorted(call.func.__name__ for call in clock.getDelayedCalls()) == ["_expire_if_due", "_sweep"]
+
+
+def test_a_connection_moves_one_deadline_timer_from_request_to_request():
+    """Each request's deadline counts from its own start; the timer is moved, not made anew, and
+    coming due with nothing in flight it does nothing."""
+    clock = task.Clock()
+    ffc = FastForwardingClient(clock, idle_timeout=60.0, probe_idle_after=60.0)  # no socket to probe here
+    backend = Backend("http://10.0.0.1:8080")
+    endpoint = doubled(ffc, backend)
+    first: list[Any] = []
+    ffc.post(backend, BODY, JSON, 5.0).addBoth(first.append)
+    [(transport, protocol)] = endpoint.connected
+    timers = [call for call in clock.getDelayedCalls() if call.func.__name__ == "_expire_if_due"]
+    clock.advance(1.0)
+    protocol.dataReceived(OK)
+    assert first[0].body == b"ok"
+    clock.advance(3.0)  # t=4: the next request is due at 9, not at the first one's 5
+    second: list[Any] = []
+    ffc.post(backend, BODY, JSON, 5.0).addBoth(second.append)
+    assert [call for call in clock.getDelayedCalls() if call.func.__name__ == "_expire_if_due"] == timers
+    clock.advance(4.9)
+    assert second == [] and not transport.aborted
+    clock.advance(0.2)
+    assert second[0].check(UpstreamError) and second[0].value.kind == "timeout" and transport.aborted
+    assert not [call for call in clock.getDelayedCalls() if call.func.__name__ == "_expire_if_due"]
+
+
+def test_a_deadline_coming_due_between_requests_does_nothing():
+    clock = task.Clock()
+    ffc = FastForwardingClient(clock, idle_timeout=60.0, probe_idle_after=60.0)  # no socket to probe here
+    backend = Backend("http://10.0.0.1:8080")
+    endpoint = doubled(ffc, backend)
+    results: list[Any] = []
+    ffc.post(backend, BODY, JSON, 2.0).addBoth(results.append)
+    [(transport, protocol)] = endpoint.connected
+    protocol.dataReceived(OK)
+    clock.advance(2.5)  # the answered request's deadline passes while the connection is idle
+    assert results[0].body == b"ok" and not transport.aborted
+    again: list[Any] = []
+    ffc.post(backend, BODY, JSON, 2.0).addBoth(again.append)  # same connection, a new timer
+    assert len(endpoint.connected) == 1
+    protocol.dataReceived(OK)
+    assert again[0].body == b"ok" and not transport.aborted
 
 
 def test_deadline_aborts_the_connection():
