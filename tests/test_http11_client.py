@@ -591,13 +591,19 @@ def test_each_request_is_one_write_with_tcp_nodelay():
     assert sorted(call.func.__name__ for call in clock.getDelayedCalls()) == ["_expire_if_due", "_sweep"]
 
 
+def kept_alive() -> tuple[task.Clock, FastForwardingClient, Backend, DoubleEndpoint]:
+    """A client whose idle connections are neither probed nor closed while a test runs (the double
+    has no socket to probe)."""
+    clock = task.Clock()
+    ffc = FastForwardingClient(clock, idle_timeout=60.0, probe_idle_after=60.0)
+    backend = Backend("http://10.0.0.1:8080")
+    return clock, ffc, backend, doubled(ffc, backend)
+
+
 def test_a_connection_moves_one_deadline_timer_from_request_to_request():
     """Each request's deadline counts from its own start; the timer is moved, not made anew, and
     coming due with nothing in flight it does nothing."""
-    clock = task.Clock()
-    ffc = FastForwardingClient(clock, idle_timeout=60.0, probe_idle_after=60.0)  # no socket to probe here
-    backend = Backend("http://10.0.0.1:8080")
-    endpoint = doubled(ffc, backend)
+    clock, ffc, backend, endpoint = kept_alive()
     first: list[Any] = []
     ffc.post(backend, BODY, JSON, 5.0).addBoth(first.append)
     [(transport, protocol)] = endpoint.connected
@@ -617,10 +623,7 @@ def test_a_connection_moves_one_deadline_timer_from_request_to_request():
 
 
 def test_a_deadline_coming_due_between_requests_does_nothing():
-    clock = task.Clock()
-    ffc = FastForwardingClient(clock, idle_timeout=60.0, probe_idle_after=60.0)  # no socket to probe here
-    backend = Backend("http://10.0.0.1:8080")
-    endpoint = doubled(ffc, backend)
+    clock, ffc, backend, endpoint = kept_alive()
     results: list[Any] = []
     ffc.post(backend, BODY, JSON, 2.0).addBoth(results.append)
     [(transport, protocol)] = endpoint.connected
