@@ -384,6 +384,16 @@ class RequestCollector(Collector):
                 yield HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
 
 
+def _count_each(seen: Sequence[tuple[Any, ...]], count: Callable[..., None], what: str) -> None:
+    """Count each observation; one that cannot be counted is logged and lost on its own, never the
+    rest of the batch, nor the request or scrape that settles it."""
+    for observed in seen:
+        try:
+            count(*observed)
+        except Exception:
+            _log.failure("{what} metrics could not be counted: {observed!r}", what=what, observed=observed)
+
+
 class Metrics:
     def __init__(self, pool: BackendPool, registry: CollectorRegistry | None = None,
                  clock: IReactorTime | None = None):
@@ -557,20 +567,10 @@ class Metrics:
         (a scrape, a sync of the --workers files) and whenever ``SETTLE_AFTER`` observations wait."""
         if self._requests_seen:
             seen, self._requests_seen = self._requests_seen, []
-            count = self._count_request
-            for observed in seen:
-                try:
-                    count(*observed)
-                except Exception:  # one observation lost, not the batch, nor the request or scrape at hand
-                    _log.failure("a request's metrics could not be counted: {observed!r}", observed=observed)
+            _count_each(seen, self._count_request, "a request's")
         if self._attempts_seen:
             seen, self._attempts_seen = self._attempts_seen, []
-            count = self._count_attempt
-            for observed in seen:
-                try:
-                    count(*observed)
-                except Exception:
-                    _log.failure("an attempt's metrics could not be counted: {observed!r}", observed=observed)
+            _count_each(seen, self._count_attempt, "an attempt's")
 
     def _count_request(self, route: str, status: int, outcome: str, backend: str, seconds: float,
                        methods: Sequence[str], batch: int | None) -> None:
