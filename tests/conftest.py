@@ -45,6 +45,19 @@ def collector():
     gc.set_threshold(*threshold)
 
 
+@pytest.fixture
+def epoll_reactor():
+    """An epoll reactor of the test's own, not installed and not running (a test turns it itself):
+    for what changes a reactor (twisted_private.dispatch_io_directly, which makeService applies),
+    where the test process's must stay as it is. Its waker and epoll descriptor are closed after."""
+    from twisted.internet.epollreactor import EPollReactor
+
+    made = EPollReactor()
+    yield made
+    made.waker.connectionLost(None)
+    made._poller.close()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs a real redis-server is slow by definition: it starts one."""
     for item in items:

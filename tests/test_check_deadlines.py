@@ -25,14 +25,19 @@ INTERVAL = 30.0
 DEADLINE = 5.0
 
 
+def setup_of(**scenarios: str) -> tuple[task.Clock, dict[str, Any], Setup]:
+    """Simulated nodes by name, each in its scenario, on one clock, and the checks' setup over them."""
+    clock = task.Clock()
+    nodes = {name: simulated(scenario, clock) for name, scenario in scenarios.items()}
+    return clock, nodes, Setup(clock, nodes)
+
+
 def health(setup: Setup, timeout: float = DEADLINE) -> HealthService:
     return HealthService(setup.pool, setup.client, INTERVAL, timeout, setup.clock)
 
 
 def test_a_hung_node_delays_no_other_node_s_verdict():
-    clock = task.Clock()
-    nodes = {"hung": simulated("hang", clock), "good": simulated("pruned", clock)}
-    setup = Setup(clock, nodes)
+    clock, nodes, setup = setup_of(hung="hang", good="pruned")
     service = health(setup)
     service.startService()
     hung, good = setup.backends["hung"], setup.backends["good"]
@@ -46,9 +51,7 @@ def test_a_hung_node_delays_no_other_node_s_verdict():
 def test_a_node_killed_while_another_hangs_is_marked_down_at_the_next_round():
     """The issue's case, with a hung check longer than the interval: before, the loop waited for
     the hung node's round, so the killed node's next check came only after it."""
-    clock = task.Clock()
-    nodes = {"hung": simulated("hang", clock), "killed": simulated("pruned", clock)}
-    setup = Setup(clock, nodes)
+    clock, nodes, setup = setup_of(hung="hang", killed="pruned")
     service = health(setup, timeout=INTERVAL + 15.0)
     service.startService()
     killed = setup.backends["killed"]
@@ -66,9 +69,7 @@ def test_a_node_killed_while_another_hangs_is_marked_down_at_the_next_round():
 
 
 def test_a_round_is_reassessed_without_waiting_for_a_hung_node_of_an_earlier_round():
-    clock = task.Clock()
-    nodes = {"hung": simulated("hang", clock), "good": simulated("pruned", clock)}
-    setup = Setup(clock, nodes)
+    clock, nodes, setup = setup_of(hung="hang", good="pruned")
     service = health(setup, timeout=INTERVAL * 3)
     service.startService()
     clock.advance(INTERVAL)
@@ -80,9 +81,7 @@ def test_a_round_is_reassessed_without_waiting_for_a_hung_node_of_an_earlier_rou
 
 
 def test_stop_cancels_every_check_still_running():
-    clock = task.Clock()
-    nodes = {"a": simulated("hang", clock), "b": simulated("hang", clock)}
-    setup = Setup(clock, nodes)
+    clock, nodes, setup = setup_of(a="hang", b="hang")
     service = health(setup)
     service.startService()
     assert service.stopService().called
@@ -134,9 +133,7 @@ class _NoHeaders:
 def test_integrity_rounds_do_not_wait_for_a_hung_node_either():
     """The integrity check keeps the request deadline (the validator stats are megabytes): a node
     hung for all of it delays no other node's next round."""
-    clock = task.Clock()
-    nodes = {"hung": simulated("hang", clock), "good": simulated("pruned", clock)}
-    setup = Setup(clock, nodes)
+    clock, nodes, setup = setup_of(hung="hang", good="pruned")
     service = IntegrityService(setup.pool, setup.client, 10.0, 30.0, clock, PARAMS)
     service.startService()
     assert setup.backends["good"].verdict is not None

@@ -3,6 +3,7 @@ nodes on a ``task.Clock`` (no sockets, no sleeps); and, over loopback, one calle
 against a real gateway (slow)."""
 import gzip
 import json
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -50,6 +51,16 @@ class Nodes:
 
     def attempts(self, node: str, kind: str) -> float:
         return sample(self.metrics, "sentinel_proxy_upstream_attempts_total", backend=node, result=kind)
+
+
+def half_open_first() -> tuple[Nodes, Any]:
+    """Nodes whose first one's breaker opened and has cooled down: its next call is the one probe."""
+    nodes = Nodes(breaker=TRIGGER_HAPPY)
+    n0 = nodes.pool.backends[0]
+    n0.breaker.record(False, nodes.clock.seconds())
+    nodes.clock.advance(5.0)
+    assert n0.breaker.available(nodes.clock.seconds()) and n0.breaker.state == "half-open"
+    return nodes, n0
 
 
 def code_of(reply) -> int:
@@ -224,11 +235,7 @@ def test_failures_are_charged_to_the_breaker_and_answers_feed_the_hedge_delay():
 
 
 def test_too_large_abandons_instead_of_charging_the_breaker():
-    nodes = Nodes(breaker=TRIGGER_HAPPY)
-    n0 = nodes.pool.backends[0]
-    n0.breaker.record(False, nodes.clock.seconds())
-    nodes.clock.advance(5.0)
-    assert n0.breaker.available(nodes.clock.seconds()) and n0.breaker.state == "half-open"
+    nodes, n0 = half_open_first()
     nodes.client.script("n0:1", UpstreamError("too_large", "answer exceeds 10 bytes"))
     reply = settled(nodes.forward(rpc("node_getBlock", [60]), max_attempts=1))
     assert (reply.status, reply.attempts) == (502, 1), "too large is not retried elsewhere"
@@ -412,11 +419,7 @@ def test_a_caller_s_fault_is_passed_on_not_retried_and_not_charged():
 
 
 def test_a_caller_s_fault_on_a_half_open_probe_is_no_verdict():
-    nodes = Nodes(breaker=TRIGGER_HAPPY)
-    n0 = nodes.pool.backends[0]
-    n0.breaker.record(False, nodes.clock.seconds())
-    nodes.clock.advance(5.0)
-    assert n0.breaker.available(nodes.clock.seconds()) and n0.breaker.state == "half-open"
+    nodes, n0 = half_open_first()
     nodes.client.script(n0.name, answer(b"<html>413</html>", code=413))
     assert settled(nodes.forward(rpc("node_getBlockNumber"), max_attempts=1)).status == 413
     assert n0.breaker.state == "half-open" and n0.breaker.available(nodes.clock.seconds())

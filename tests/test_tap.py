@@ -17,18 +17,6 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def loop():
-    """An epoll reactor of the test's own (not running): makeService changes the reactor it is
-    given (twisted_private.dispatch_io_directly), and the test process's must stay as it is."""
-    from twisted.internet.epollreactor import EPollReactor
-
-    made = EPollReactor()
-    yield made
-    made.waker.connectionLost(None)
-    made._poller.close()
-
-
 def refusal(args: list[str]) -> str:
     with pytest.raises(SystemExit) as caught:
         Options().parseOptions(args)
@@ -101,33 +89,33 @@ def test_options_win_and_keep_their_text(workdir, monkeypatch):
     assert options.cli_values()["port"] == "9000", "a reload merges the options again, as text"
 
 
-def test_make_service_builds_the_gateway(workdir, collector, loop):
+def test_make_service_builds_the_gateway(workdir, collector, epoll_reactor):
     from sentinel_proxy.listening import ListeningService
 
     options = Options()
     options.parseOptions(["--backends", "http://127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1"])
-    service = makeService(options, reactor=loop)
+    service = makeService(options, reactor=epoll_reactor)
     assert isinstance(service, MultiService) and not service.running
     assert service.settings == options.settings
     assert service.listener in list(service) and isinstance(service.listener, ListeningService)
     assert [b.url for b in service.pool.backends] == ["http://127.0.0.1:9"]
 
 
-def test_make_service_gives_its_epoll_reactor_the_direct_dispatch(workdir, collector, loop):
+def test_make_service_gives_its_epoll_reactor_the_direct_dispatch(workdir, collector, epoll_reactor):
     options = Options()
     options.parseOptions(["--backends", "http://127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1"])
-    service = makeService(options, reactor=loop)
-    assert service.reactor is loop and "doIteration" in vars(loop), "twisted_private.dispatch_io_directly"
+    service = makeService(options, reactor=epoll_reactor)
+    assert service.reactor is epoll_reactor and "doIteration" in vars(epoll_reactor), "twisted_private.dispatch_io_directly"
 
 
-def test_make_service_settles_the_heap(workdir, collector, loop):
+def test_make_service_settles_the_heap(workdir, collector, epoll_reactor):
     from sentinel_proxy.ops import heap
 
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)
     options = Options()
     options.parseOptions(["--backends", "http://127.0.0.1:9", "--listen", "tcp:0:interface=127.0.0.1"])
-    makeService(options, reactor=loop)
+    makeService(options, reactor=epoll_reactor)
     assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD and gc.get_freeze_count() > 0
 
 

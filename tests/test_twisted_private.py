@@ -115,12 +115,6 @@ def spin(loop: object, done, rounds: int = 2000) -> None:
     raise AssertionError("the reactor did not get there")
 
 
-def close(loop: object) -> None:
-    """Free what a reactor made for itself (its waker's pipe, its epoll descriptor)."""
-    loop.waker.connectionLost(None)  # type: ignore[attr-defined]
-    loop._poller.close()  # type: ignore[attr-defined]
-
-
 class Echo(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
@@ -131,25 +125,20 @@ class FailsOnClose(Collect):
         raise RuntimeError("a protocol whose connectionLost fails")
 
 
-def test_the_epoll_reactor_still_has_what_direct_dispatch_reads():
+def test_the_epoll_reactor_still_has_what_direct_dispatch_reads(epoll_reactor):
     from twisted.internet.epollreactor import EPollReactor
 
-    loop = EPollReactor()
-    try:
-        missing = [name for name in ("_poller", "_selectables", "_doReadOrWrite") if not hasattr(loop, name)]
-        assert not missing, f"Twisted's EPollReactor lost {missing}: re-check dispatch_io_directly"
-        assert isinstance(loop._selectables, dict) and hasattr(loop._poller, "poll")
-        assert EPollReactor.doIteration is EPollReactor.doPoll, "the main loop no longer polls through doPoll"
-    finally:
-        close(loop)
+    loop = epoll_reactor
+    missing = [name for name in ("_poller", "_selectables", "_doReadOrWrite") if not hasattr(loop, name)]
+    assert not missing, f"Twisted's EPollReactor lost {missing}: re-check dispatch_io_directly"
+    assert isinstance(loop._selectables, dict) and hasattr(loop._poller, "poll")
+    assert EPollReactor.doIteration is EPollReactor.doPoll, "the main loop no longer polls through doPoll"
 
 
-def test_direct_dispatch_serves_connections_and_survives_a_failing_one(logged):
-    from twisted.internet.epollreactor import EPollReactor
-
+def test_direct_dispatch_serves_connections_and_survives_a_failing_one(logged, epoll_reactor):
     from sentinel_proxy.twisted_private import dispatch_io_directly
 
-    loop = EPollReactor()
+    loop = epoll_reactor
     assert dispatch_io_directly(loop) and loop.doIteration == loop.doPoll
     port = loop.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
     try:
@@ -168,7 +157,6 @@ def test_direct_dispatch_serves_connections_and_survives_a_failing_one(logged):
         echoed.transport.loseConnection()
         port.stopListening()
         spin(loop, lambda: not (echoed.transport.connected or port.connected))
-        close(loop)
 
 
 def test_direct_dispatch_leaves_other_reactors_alone():
