@@ -185,11 +185,8 @@ class AccessLog:
                 "attempts": attempts, "cache": cache,
                 "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
                 "bytes_in": bytes_in, "bytes_out": bytes_out})
-        message = (f"{request_id} {client} POST {route} {summary} -> {backend} {status} {outcome} "
-                   f"{duration_ms:.1f}ms attempts={attempts} cache={cache} upstream={upstream} "
-                   f"in={bytes_in} out={bytes_out}")
-        if refused_summary:
-            message = f"{message} refused={refused_summary}"
+        message = self._message(request_id, client, route, summary, backend, status, outcome, duration_ms, attempts,
+                                cache, upstream, bytes_in, bytes_out, refused_summary)
         if len(message) > self.PLAIN_LINE or not message.isprintable():  # one check for the usual line
             message = self._message(escaped(request_id), escaped(client), escaped(route), escaped(summary),
                                     escaped(backend), status, outcome, duration_ms, attempts, cache, upstream,
