@@ -55,14 +55,15 @@ class _Connection(Protocol):
     ``pooled``, ``idle_since`` and ``when_lost`` are the pool's; the rest is private.
     """
 
-    __slots__ = ("_node", "_memory", "_parser", "_deferred", "_request", "_limit", "_timer", "_timeout", "_connecting",
+    __slots__ = ("_node", "_memory", "_clock", "_parser", "_deferred", "_request", "_limit", "_timer", "_timeout", "_connecting",
                  "_reused", "_ready", "_answered", "_head", "_head_done", "_framed", "_length", "_headers",
                  "_chunks", "_body", "_address", "_size", "_counted", "_response", "_keep", "_gone", "pooled",
                  "idle_since")
 
-    def __init__(self, node: NodePool, memory: AnswerMemory):
+    def __init__(self, node: NodePool, memory: AnswerMemory, clock: IReactorTime):
         self._node = node
         self._memory = memory
+        self._clock = clock
         self._counted = 0  # bytes of the current answer counted in ``memory``
         self._body: Any = None
         self._parser = HttpResponseParser(self)
@@ -82,16 +83,15 @@ class _Connection(Protocol):
 
     # ------------------------------------------------------------------------------ the request
 
-    def _begin(self, deferred: defer.Deferred[UpstreamResponse], limit: int, clock: IReactorTime, timeout: float,
-               reused: bool) -> None:
+    def _begin(self, deferred: defer.Deferred[UpstreamResponse], limit: int, timeout: float, reused: bool) -> None:
         self._deferred = deferred
         self._limit = limit
         self._timeout = timeout
         timer = self._timer
         if timer is not None and timer.active():
-            timer.reset(timeout)  # later than before: no heap work until the old time comes
+            timer.reset(timeout)  # usually later than before: then no heap work until the old time comes
         else:
-            self._timer = clock.callLater(timeout, self._expire_if_due)
+            self._timer = self._clock.callLater(timeout, self._expire_if_due)
         self._reused = reused
         self._answered = False
         self._head = 0
@@ -103,16 +103,14 @@ class _Connection(Protocol):
         self._response = None
         self._keep = False
 
-    def send(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, clock: IReactorTime,
-             timeout: float) -> None:
+    def send(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, timeout: float) -> None:
         """Write ``request`` on this (checked out, live) connection; its answer is due in ``timeout`` s."""
-        self._begin(deferred, limit, clock, timeout, True)
+        self._begin(deferred, limit, timeout, True)
         write_now(self.transport, request)
 
-    def dial(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, clock: IReactorTime,
-             timeout: float) -> None:
+    def dial(self, deferred: defer.Deferred[UpstreamResponse], request: bytes, limit: int, timeout: float) -> None:
         """Connect, then write ``request`` from ``connectionMade``; the answer is due in ``timeout`` s."""
-        self._begin(deferred, limit, clock, timeout, False)
+        self._begin(deferred, limit, timeout, False)
         self._request = request
         connecting = self._node.endpoint.connect(_Dial(self))
         if self.transport is None:  # not connected synchronously (a test double may)
@@ -373,12 +371,12 @@ class FastForwardingClient:
             limit = self._max_response
         conn = node.checkout()
         if conn is None:
-            conn = _Connection(node, self.memory)
+            conn = _Connection(node, self.memory, self._reactor)
             deferred: defer.Deferred[UpstreamResponse] = defer.Deferred(conn.cancel)
-            conn.dial(deferred, request, limit, self._reactor, timeout)
+            conn.dial(deferred, request, limit, timeout)
         else:
             deferred = defer.Deferred(conn.cancel)
-            conn.send(deferred, request, limit, self._reactor, timeout)
+            conn.send(deferred, request, limit, timeout)
         return deferred
 
     def close(self) -> defer.Deferred[None]:
