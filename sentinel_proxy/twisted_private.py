@@ -33,7 +33,7 @@ reactor hands every I/O event to its connection through ``twisted.python.log.cal
 which copies the legacy log context (a dict), pushes it on a thread-local stack and pops it, so
 that old-style ``log.msg`` calls made meanwhile carry the connection's ``logPrefix`` as
 "system". The gateway logs through twisted.logger with its own namespaces and never reads that
-field; the push and pop cost 1.7 µs per event in a microbenchmark and ~11 µs per proxied
+field; the push and pop cost 1.7 µs per event in a microbenchmark and 11–15 µs per proxied
 request live (two or three events each; A/B with ``bench/live_cpu.py``, docs/performance.md).
 No public API dispatches without it, so :func:`dispatch_io_directly` gives the daemon's reactor
 its own ``doIteration``: Twisted's ``EPollReactor.doPoll`` minus that wrapper, calling the
